@@ -1,0 +1,30 @@
+"""optax_bema: weight averages that make the returned model better.
+
+Stabilizers that average the training trajectory without changing it (EMA,
+BEMA, DEMA, OUEMA), as Optax transforms that go last in a chain, and the
+model they return through :func:`averaged_params`.
+"""
+
+from optax_bema._core import averaged_params
+from optax_bema._stabilizers import BemaState
+from optax_bema._stabilizers import DemaState
+from optax_bema._stabilizers import EmaState
+from optax_bema._stabilizers import OuemaState
+from optax_bema._stabilizers import bema
+from optax_bema._stabilizers import dema
+from optax_bema._stabilizers import ema
+from optax_bema._stabilizers import ouema
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'BemaState',
+    'DemaState',
+    'EmaState',
+    'OuemaState',
+    'averaged_params',
+    'bema',
+    'dema',
+    'ema',
+    'ouema',
+]

@@ -1,0 +1,309 @@
+"""The machinery every weight average shares, written once.
+
+The power-law weight schedule, the update-step predicate (burn-in and
+``update_freq``), the iterate tracking theta_t = params + updates, the
+non-finite guard, and the readout registry behind :func:`averaged_params`.
+Each stabilizer in ``_stabilizers.py`` contributes only its update rule.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# Scalars are computed in this precision; only the product meets the leaf dtype.
+SCALAR_DTYPE = jnp.float32
+
+
+def is_float_leaf(x) -> bool:
+  """Whether a leaf is averaged: integer and boolean leaves never are."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def accumulator_dtype_for(leaf, accumulator_dtype) -> jnp.dtype:
+  """float32 at least: bfloat16 and float16 weights are averaged in float32."""
+  if accumulator_dtype is not None:
+    return jnp.dtype(accumulator_dtype)
+  return jnp.promote_types(leaf.dtype, SCALAR_DTYPE)
+
+
+def copy_tree(params, accumulator_dtype):
+  """A params-shaped copy in the accumulator dtype, one that never aliases.
+
+  ``jnp.array(copy=True)`` keeps the leaf's sharding and yields a new buffer,
+  so params and state can both be donated. Non-float leaves become
+  ``optax.MaskedNode()``: they are never averaged and cost no memory.
+  """
+  def copy(p):
+    if not is_float_leaf(p):
+      return optax.MaskedNode()
+    return jnp.array(p, dtype=accumulator_dtype_for(p, accumulator_dtype),
+                     copy=True)
+  return jax.tree.map(copy, params)
+
+
+def iterate_tree(params, updates, accumulator_dtype):
+  """theta_t = params + updates, rounded exactly as ``optax.apply_updates``."""
+  def iterate(p, u):
+    if not is_float_leaf(p):
+      return optax.MaskedNode()
+    theta = jnp.asarray(p + u).astype(p.dtype)
+    return theta.astype(accumulator_dtype_for(p, accumulator_dtype))
+  return jax.tree.map(iterate, params, updates)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+
+def require_params(params, name: str):
+  if params is None:
+    raise ValueError(
+        f'{name}: update needs `params`, the current weights, to track '
+        'theta_t = params + updates. Call tx.update(updates, state, params).')
+
+
+# --- hyperparameters -------------------------------------------------------
+
+
+def is_static(x) -> bool:
+  """A Python or NumPy number, as opposed to an (injected, traced) array."""
+  return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
+
+
+def check(ok: Callable[[float], bool], value, message: str):
+  """Raises ``ValueError(message)`` when a concrete ``value`` fails ``ok``.
+
+  Values that ``optax.inject_hyperparams`` turns into traced arrays cannot be
+  checked; their construction-time values were.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not ok(float(np.asarray(value))):
+    raise ValueError(message)
+
+
+def check_power_law(name, *, power, lag, multiplier, floor=None,
+                    power_name='ema_power'):
+  """The power-law weight must exist, and be at most 1, at every step t >= 1."""
+  check(lambda v: v >= 0, power,
+        f'{name}: {power_name} must be >= 0, got {power}.')
+  check(lambda v: v >= 0, multiplier,
+        f'{name}: multiplier must be >= 0 (the weights are '
+        f'(lag + multiplier * t) ** -power), got {multiplier}.')
+  if is_static(lag) and is_static(multiplier):
+    check(lambda v: v > 0, float(lag) + float(multiplier),
+          f'{name}: lag + multiplier must be > 0 so that the weight at step 1, '
+          f'(lag + multiplier) ** -{power_name}, is defined; got lag={lag}, '
+          f'multiplier={multiplier}.')
+  if all(is_static(v) for v in (lag, multiplier, power)):
+    first = (float(lag) + float(multiplier)) ** (-float(power))
+    check(lambda v: v <= 1.0 + 1e-6, first,
+          f'{name}: the weight at step 1, (lag + multiplier) ** -{power_name}'
+          f' = {first:.4g}, exceeds 1, so the average would extrapolate '
+          'rather than average; raise lag.')
+  if floor is not None:
+    check(lambda v: 0.0 <= v <= 1.0, floor,
+          f'{name}: min_ema_multiplier must lie in [0, 1], got {floor}.')
+
+
+def check_schedule(name, *, update_after, update_freq):
+  check(lambda v: v >= 0, update_after,
+        f'{name}: update_after must be >= 0, got {update_after}.')
+  check(lambda v: v >= 1, update_freq,
+        f'{name}: update_freq must be >= 1, got {update_freq}.')
+  for arg, value in (('update_after', update_after),
+                     ('update_freq', update_freq)):
+    check(lambda v: v == int(v), value,
+          f'{name}: {arg} must be an integer, got {value}.')
+
+
+def power_law(t, *, lag, multiplier, power, floor=None) -> jax.Array:
+  """w(t) = max((lag + multiplier t) ** -power, floor), in float32."""
+  t = jnp.asarray(t, SCALAR_DTYPE)
+  base = (jnp.asarray(lag, SCALAR_DTYPE)
+          + jnp.asarray(multiplier, SCALAR_DTYPE) * t)
+  weight = base ** (-jnp.asarray(power, SCALAR_DTYPE))
+  if floor is not None:
+    weight = jnp.maximum(weight, jnp.asarray(floor, SCALAR_DTYPE))
+  return weight
+
+
+def is_update_step(t, *, update_after, update_freq) -> jax.Array:
+  """t > update_after and (t - update_after) is a multiple of update_freq."""
+  since = t - jnp.asarray(update_after, t.dtype)
+  return (since > 0) & (since % jnp.asarray(update_freq, t.dtype) == 0)
+
+
+# --- readout ---------------------------------------------------------------
+
+_READOUTS: dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def register_readout(state_cls: type, readout: Callable[[Any, Any], Any]):
+  """Declares ``readout(state, params) -> model`` for a state class."""
+  _READOUTS[state_cls] = readout
+
+
+def cast_like_params(model, params):
+  """The model in the params' dtypes; non-float leaves are the params'."""
+  def cast(p, m):
+    if isinstance(m, optax.MaskedNode):
+      return p
+    return m.astype(p.dtype)
+  return jax.tree.map(cast, params, model)
+
+
+def _find_states(opt_state):
+  is_ours = lambda x: type(x) in _READOUTS  # pylint: disable=unidiomatic-typecheck
+  found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_ours)
+  return [(path, x) for path, x in found if is_ours(x)]
+
+
+def averaged_params(opt_state, params):
+  """The model to evaluate and return: the average an optimizer state holds.
+
+  Finds the single averaging state (EMA, BEMA, DEMA, OUEMA or PACE) anywhere
+  inside ``opt_state`` -- a plain state, ``optax.chain``, ``named_chain``,
+  ``MultiSteps``, ``inject_hyperparams`` -- and reads its model out.
+
+  Args:
+    opt_state: the optimizer state, or any part of it holding exactly one
+      averaging state.
+    params: the current weights (BEMA with ``update_freq=1`` reads them to
+      hold one parameter-sized copy fewer).
+
+  Returns:
+    A pytree with the structure, dtypes and shardings of ``params``.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no averaging state, or several.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(0.1), optax_bema.ema(update_freq=1))
+    >>> params = jnp.ones(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.ones(3), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params).shape
+    (3,)
+  """
+  found = _find_states(opt_state)
+  if len(found) == 1:
+    state = found[0][1]
+    return _READOUTS[type(state)](state, params)
+  if not found:
+    raise ValueError(
+        'averaged_params: opt_state holds no averaging state. Put a '
+        'stabilizer last in the chain, e.g. optax.chain(optax.adamw(lr), '
+        'optax_bema.bema()), or use optax_bema.pace(...).')
+  where = ', '.join(f'opt_state{jax.tree_util.keystr(path)} '
+                    f'({type(s).__name__})' for path, s in found)
+  first = jax.tree_util.keystr(found[0][0])
+  raise ValueError(
+      f'averaged_params: opt_state holds {len(found)} averaging states: '
+      f'{where}. Pass the one to read, e.g. '
+      f'averaged_params(opt_state{first}, params).')
+
+
+# --- the shared transform --------------------------------------------------
+
+
+class Weights(NamedTuple):
+  """The scalars of step t, all float32."""
+  t: jax.Array
+  ema: jax.Array       # beta_t
+  bias: jax.Array      # alpha_t
+
+
+class Rule(NamedTuple):
+  """What one stabilizer adds to the shared core.
+
+  Attributes:
+    name: the public name, for error messages.
+    state_cls: its NamedTuple state; fields ``count``, ``nonfinite_count``,
+      then its params-shaped averages in the order of ``averages``, then any
+      scalar fields.
+    averages: names of its params-shaped fields; a burn-in step resets each to
+      theta_t.
+    advance: ``advance(weights, theta, state) -> dict`` of the fields an
+      update step changes (per leaf of theta, in the accumulator dtype).
+    reset_scalars: values of the scalar fields after a burn-in reset.
+  """
+  name: str
+  state_cls: type
+  averages: tuple[str, ...]
+  advance: Callable[[Weights, Any, Any], dict]
+  reset_scalars: dict
+
+
+def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
+               update_after, update_freq, min_ema_multiplier,
+               accumulator_dtype) -> optax.GradientTransformationExtraArgs:
+  """Builds the transform: schedule, predicate and guard around ``rule``."""
+  check_power_law(rule.name, power=ema_power, lag=lag, multiplier=multiplier,
+                  floor=min_ema_multiplier)
+  check(lambda v: v >= 0, bias_power,
+        f'{rule.name}: bias_power must be >= 0, got {bias_power}.')
+  check_schedule(rule.name, update_after=update_after, update_freq=update_freq)
+  # An update every step needs no branch: one fused pass over the state.
+  every_step = is_static(update_freq) and int(update_freq) == 1
+
+  def init_fn(params):
+    average = copy_tree(params, accumulator_dtype)
+    fields = {name: (average if i == 0 else copy_tree(params, accumulator_dtype))
+              for i, name in enumerate(rule.averages)}
+    return rule.state_cls(count=jnp.zeros([], jnp.int32),
+                          nonfinite_count=jnp.zeros([], jnp.int32),
+                          **fields, **_scalars(rule.reset_scalars))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    require_params(params, rule.name)
+    t = optax.safe_increment(state.count)
+    theta = iterate_tree(params, updates, accumulator_dtype)
+    in_burn_in = t <= jnp.asarray(update_after, t.dtype)
+    scheduled = in_burn_in | is_update_step(
+        t, update_after=update_after, update_freq=update_freq)
+
+    def step(state):
+      finite = all_finite(theta)
+      weights = Weights(
+          t=jnp.asarray(t, SCALAR_DTYPE),
+          ema=power_law(t, lag=lag, multiplier=multiplier, power=ema_power,
+                        floor=min_ema_multiplier),
+          bias=power_law(t, lag=lag, multiplier=multiplier, power=bias_power))
+      advanced = rule.advance(weights, theta, state)
+      reset = dict(_scalars(rule.reset_scalars),
+                   **{name: theta for name in rule.averages})
+      take = scheduled & finite
+      new = {}
+      for name, old in state._asdict().items():
+        if name not in advanced:
+          continue
+        value = optax.tree.where(in_burn_in, reset[name], advanced[name])
+        new[name] = optax.tree.where(take, value, old)
+      return state._replace(
+          nonfinite_count=state.nonfinite_count
+          + (scheduled & ~finite).astype(jnp.int32), **new)
+
+    if every_step:
+      state = step(state)
+    else:
+      state = jax.lax.cond(scheduled, step, lambda s: s, state)
+    return updates, state._replace(count=t)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _scalars(values: dict) -> dict:
+  return {k: jnp.asarray(v, SCALAR_DTYPE) for k, v in values.items()}
