@@ -57,6 +57,24 @@ def iterate_tree(params, updates, accumulator_dtype):
   return jax.tree.map(iterate, params, updates)
 
 
+def to_host(tree):
+  """Moves every array of ``tree`` to host memory (``pinned_host``).
+
+  Shardings are kept; only the memory kind changes. Works on concrete arrays
+  and inside ``jit`` alike.
+  """
+  return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), tree)
+
+
+def to_device(tree):
+  """Moves the arrays of ``tree`` that live in host memory to the device."""
+  def fetch(x):
+    if getattr(jax.typeof(x), 'memory_space', None) == jax.memory.Space.Host:
+      return jax.device_put(x, jax.memory.Space.Device)
+    return x
+  return jax.tree.map(fetch, tree)
+
+
 def all_finite(tree) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
@@ -199,7 +217,7 @@ def averaged_params(opt_state, params):
   """
   found = _find_states(opt_state)
   if len(found) == 1:
-    state = found[0][1]
+    state = to_device(found[0][1])  # an offloaded state is read on device
     return _READOUTS[type(state)](state, params)
   if not found:
     raise ValueError(
@@ -248,8 +266,14 @@ class Rule(NamedTuple):
 
 def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                update_after, update_freq, min_ema_multiplier,
-               accumulator_dtype) -> optax.GradientTransformationExtraArgs:
-  """Builds the transform: schedule, predicate and guard around ``rule``."""
+               accumulator_dtype, offload_to_host=False,
+               ) -> optax.GradientTransformationExtraArgs:
+  """Builds the transform: schedule, predicate and guard around ``rule``.
+
+  With ``offload_to_host`` the params-shaped fields (``rule.averages``) live
+  in host memory and cross to the device only inside the update-step branch,
+  as the BEMA paper does: steps between updates move nothing.
+  """
   check_power_law(rule.name, power=ema_power, lag=lag, multiplier=multiplier,
                   floor=min_ema_multiplier)
   check(lambda v: v >= 0, bias_power,
@@ -262,6 +286,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
     average = copy_tree(params, accumulator_dtype)
     fields = {name: (average if i == 0 else copy_tree(params, accumulator_dtype))
               for i, name in enumerate(rule.averages)}
+    if offload_to_host:
+      fields = to_host(fields)
     return rule.state_cls(count=jnp.zeros([], jnp.int32),
                           nonfinite_count=jnp.zeros([], jnp.int32),
                           **fields, **_scalars(rule.reset_scalars))
@@ -276,6 +302,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
         t, update_after=update_after, update_freq=update_freq)
 
     def step(state):
+      if offload_to_host:
+        state = to_device(state)
       finite = all_finite(theta)
       weights = Weights(
           t=jnp.asarray(t, SCALAR_DTYPE),
@@ -287,11 +315,13 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                    **{name: theta for name in rule.averages})
       take = scheduled & finite
       new = {}
-      for name, old in state._asdict().items():
-        if name not in advanced:
-          continue
-        value = optax.tree.where(in_burn_in, reset[name], advanced[name])
+      for name in reset.keys() | advanced.keys():
+        old = getattr(state, name)
+        value = optax.tree.where(in_burn_in, reset.get(name, old),
+                                 advanced.get(name, old))
         new[name] = optax.tree.where(take, value, old)
+      if offload_to_host:
+        new.update(to_host({name: new[name] for name in rule.averages}))
       return state._replace(
           nonfinite_count=state.nonfinite_count
           + (scheduled & ~finite).astype(jnp.int32), **new)

@@ -1,0 +1,393 @@
+"""EMA, BEMA, DEMA, OUEMA against a plain numpy loop written from SPEC §1-2."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_bema
+
+KINDS = ('ema', 'bema', 'dema', 'ouema')
+DEFAULTS = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
+                update_after=0, update_freq=400, min_ema_multiplier=0.0)
+
+
+def reference_models(kind, theta0, thetas, steps=None, **hp):
+  """The returned model after each step, straight from SPEC §2, in float64.
+
+  Iterate k is seen at absolute step ``steps[k]`` (1, 2, ... by default); a
+  step with no iterate changes nothing.
+  """
+  hp = {**DEFAULTS, **hp}
+  theta0 = np.asarray(theta0, np.float64)
+  e1 = e2 = returned = theta0
+  models = []
+  for t, theta in zip(steps or range(1, len(thetas) + 1), thetas):
+    theta = np.asarray(theta, np.float64)
+    base = hp['lag'] + hp['multiplier'] * t
+    if t <= hp['update_after']:
+      theta0 = e1 = e2 = returned = theta
+    elif (t - hp['update_after']) % hp['update_freq'] == 0:
+      beta = max(base ** -hp['ema_power'], hp['min_ema_multiplier'])
+      alpha = base ** -hp['bias_power']
+      if kind == 'ouema':
+        p = (1 + hp['multiplier'] * t) ** -hp['bias_power']
+        theta = (theta - p * theta0) / (1 - p)
+      e1 = (1 - beta) * e1 + beta * theta
+      e2 = (1 - beta) * e2 + beta * e1
+      returned = {'ema': e1, 'ouema': e1, 'dema': 2 * e1 - e2,
+                  'bema': alpha * (theta - theta0) + e1}[kind]
+    models.append(returned)
+  return models
+
+
+def factory(kind, **hp):
+  if kind in ('ema', 'dema'):
+    hp.pop('bias_power', None)
+  return getattr(optax_bema, kind)(**hp)
+
+
+def random_trajectory(steps, seed=0, shape=(5,)):
+  """float32 updates of a noisy drift, and the iterates apply_updates makes."""
+  rng = np.random.default_rng(seed)
+  theta = rng.normal(size=shape).astype(np.float32) + 3.0
+  theta0, updates, thetas = theta, [], []
+  for _ in range(steps):
+    u = (0.05 * rng.normal(size=shape) - 0.02).astype(np.float32)
+    updates.append(u)
+    theta = theta + u
+    thetas.append(theta)
+  return theta0, updates, thetas
+
+
+SETTINGS = [
+    dict(update_freq=1),
+    dict(update_freq=3, update_after=5),
+    dict(update_freq=1, update_after=4, lag=2.0, multiplier=0.5,
+         min_ema_multiplier=0.2, ema_power=0.7, bias_power=0.3),
+    dict(update_freq=4, lag=1.0, ema_power=1.0),
+]
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('hp', SETTINGS)
+def test_matches_reference_every_step_under_jit(kind, hp):
+  theta0, updates, thetas = random_trajectory(40)
+  expected = reference_models(kind, theta0, thetas, **hp)
+  tx = factory(kind, **hp)
+  step = jax.jit(tx.update)
+  readout = jax.jit(optax_bema.averaged_params)
+  params = jnp.asarray(theta0)
+  state = tx.init(params)
+  for u, want in zip(updates, expected):
+    out, state = step(jnp.asarray(u), state, params)
+    np.testing.assert_array_equal(out, u)  # training is never changed
+    params = optax.apply_updates(params, out)
+    np.testing.assert_allclose(readout(state, params), want,
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_inside_scan_over_a_pytree(kind):
+  hp = dict(update_freq=2, update_after=3)
+  theta0, updates, thetas = random_trajectory(30, seed=1, shape=(6,))
+  expected = reference_models(kind, theta0, thetas, **hp)[-1]
+  tx = factory(kind, **hp)
+  params = {'a': jnp.asarray(theta0[:2]), 'b': jnp.asarray(theta0[2:])}
+  stacked = {'a': jnp.asarray(np.stack(updates)[:, :2]),
+             'b': jnp.asarray(np.stack(updates)[:, 2:])}
+
+  def body(carry, u):
+    params, state = carry
+    u, state = tx.update(u, state, params)
+    return (optax.apply_updates(params, u), state), None
+
+  (params, state), _ = jax.lax.scan(body, (params, tx.init(params)), stacked)
+  model = optax_bema.averaged_params(state, params)
+  got = np.concatenate([model['a'], model['b']])
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_ema_is_bema_with_infinite_bias_power():
+  theta0, updates, thetas = random_trajectory(12, seed=2)
+  ema_ref = reference_models('ema', theta0, thetas, update_freq=1)
+  bema_inf = reference_models('bema', theta0, thetas, update_freq=1,
+                              bias_power=np.inf)
+  np.testing.assert_allclose(ema_ref, bema_inf)
+  tx = optax_bema.bema(update_freq=1, bias_power=float('inf'))
+  params = jnp.asarray(theta0)
+  state = tx.init(params)
+  for u in updates:
+    u, state = tx.update(jnp.asarray(u), state, params)
+    params = optax.apply_updates(params, u)
+  np.testing.assert_allclose(optax_bema.averaged_params(state, params),
+                             ema_ref[-1], rtol=2e-5)
+
+
+def test_paper_weights_at_known_steps():
+  # SPEC §1 with Table 2 defaults: beta_t = (10 + t) ** -0.5, alpha_t = ** -0.2
+  w = optax_bema._core.power_law  # pylint: disable=protected-access
+  np.testing.assert_allclose(w(90, lag=10., multiplier=1., power=0.5), 0.1,
+                             rtol=1e-6)
+  np.testing.assert_allclose(w(22, lag=10., multiplier=1., power=0.2),
+                             32 ** -0.2, rtol=1e-6)
+  np.testing.assert_allclose(
+      w(10 ** 6, lag=10., multiplier=1., power=0.5, floor=0.01), 0.01)
+
+
+# --- where the stabilizer sits ---------------------------------------------
+
+
+def _train(tx, params, grads_seq):
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for g in grads_seq:
+    u, state = step(g, state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def _grads(n=6, shape=(4,), seed=3):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(n)]
+
+
+def test_found_in_chain_named_chain_inject_and_multisteps():
+  params = jnp.linspace(-1.0, 1.0, 4)
+  grads = _grads()
+  plain = optax.chain(optax.sgd(0.1), optax_bema.bema(update_freq=1))
+  want = optax_bema.averaged_params(*_train(plain, params, grads)[::-1])
+  wrapped = [
+      optax.named_chain(('sgd', optax.sgd(0.1)),
+                        ('avg', optax_bema.bema(update_freq=1))),
+      optax.inject_hyperparams(
+          lambda learning_rate: optax.chain(
+              optax.sgd(learning_rate), optax_bema.bema(update_freq=1)))(
+                  learning_rate=0.1),
+      optax.MultiSteps(plain, every_k_schedule=1),
+  ]
+  for tx in wrapped:
+    p, s = _train(tx, params, grads)
+    np.testing.assert_allclose(optax_bema.averaged_params(s, p), want,
+                               rtol=1e-6)
+
+
+def test_multisteps_averages_the_applied_iterates():
+  """Inside MultiSteps(k=2) the stabilizer sees one iterate per 2 mini-steps."""
+  k, params = 2, jnp.linspace(-1.0, 1.0, 4)
+  grads = _grads(n=12)
+  tx = optax.MultiSteps(
+      optax.chain(optax.sgd(0.1), optax_bema.dema(update_freq=1)),
+      every_k_schedule=k)
+  p, s = _train(tx, params, grads)
+  iterates, theta = [], np.asarray(params, np.float64)
+  for i in range(0, len(grads), k):
+    theta = theta - 0.1 * np.mean(np.stack(grads[i:i + k]), axis=0)
+    iterates.append(theta)
+  want = reference_models('dema', params, iterates, update_freq=1)[-1]
+  np.testing.assert_allclose(optax_bema.averaged_params(s, p), want,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_zero_or_several_stabilizers_is_a_clear_error():
+  params = jnp.ones(3)
+  with pytest.raises(ValueError, match='no averaging state'):
+    optax_bema.averaged_params(optax.adamw(1e-3).init(params), params)
+  tx = optax.chain(optax.sgd(0.1), optax_bema.ema(), optax_bema.bema())
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r'2 averaging states.*opt_state\[1\]'):
+    optax_bema.averaged_params(state, params)
+  # the way the message says
+  np.testing.assert_array_equal(optax_bema.averaged_params(state[2], params),
+                                params)
+
+
+def test_inject_hyperparams_gives_identical_results():
+  params = {'w': jnp.linspace(0.5, 1.5, 6).reshape(2, 3)}
+  grads = [{'w': g.reshape(2, 3)} for g in _grads(n=9, shape=(6,))]
+  for kind in KINDS:
+    for static in ((), ('update_freq',)):
+      hp = dict(update_freq=1, update_after=2, lag=3.0)
+      if kind != 'ema' and kind != 'dema':
+        hp['bias_power'] = 0.3
+      plain = optax.chain(optax.sgd(0.2), factory(kind, **hp))
+      injected = optax.chain(
+          optax.sgd(0.2),
+          optax.inject_hyperparams(getattr(optax_bema, kind),
+                                   static_args=static)(**hp))
+      p1, s1 = _train(plain, params, grads)
+      p2, s2 = _train(injected, params, grads)
+      np.testing.assert_allclose(optax_bema.averaged_params(s2, p2)['w'],
+                                 optax_bema.averaged_params(s1, p1)['w'],
+                                 rtol=1e-6)
+
+
+def test_extra_args_and_no_recompile():
+  from optax._src import test_utils  # pylint: disable=import-outside-toplevel
+  tx = optax.chain(optax.adamw(1e-2), optax_bema.bema(update_freq=3))
+
+  @jax.jit
+  def step(params, state):
+    g = jax.grad(lambda p: jnp.sum((p - 1.0) ** 2))(params)
+    u, state = tx.update(g, state, params, unexpected_extra_arg=1)
+    return optax.apply_updates(params, u), state
+
+  params = jnp.zeros(3)
+  params, state = step(params, tx.init(params))
+  with test_utils.log_compilations() as logs:
+    step(params, state)
+  assert not logs, 'the second update recompiled'
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_buffer_donation(kind):
+  tx = optax.chain(optax.adamw(1e-2), factory(kind, update_freq=2))
+  params = {'w': jnp.ones((8, 4)), 'b': jnp.zeros(4)}
+  state = tx.init(params)
+  state_ptrs = {x.unsafe_buffer_pointer()
+                for x in jax.tree.leaves(state)}
+  assert not state_ptrs & {x.unsafe_buffer_pointer()
+                           for x in jax.tree.leaves(params)}
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state, g):
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  g = jax.tree.map(jnp.ones_like, params)
+  for _ in range(4):
+    params, state = step(params, state, g)
+  assert all(np.isfinite(x).all()
+             for x in jax.tree.leaves(optax_bema.averaged_params(state, params)))
+
+
+# --- dtypes and memory -----------------------------------------------------
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_low_precision_params_average_in_float32(kind):
+  params = {'w': jnp.ones(4, jnp.bfloat16), 'h': jnp.ones(2, jnp.float16),
+            'step': jnp.array(7, jnp.int32), 'mask': jnp.array([True, False])}
+  tx = factory(kind, update_freq=1)
+  state = tx.init(params)
+  float_leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
+  assert float_leaves and all(x.dtype == jnp.float32 for x in float_leaves)
+  updates = {'w': jnp.full(4, 0.5, jnp.bfloat16),
+             'h': jnp.full(2, 0.5, jnp.float16),
+             'step': jnp.array(1, jnp.int32), 'mask': jnp.array([False, True])}
+  out, state = jax.jit(tx.update)(updates, state, params)
+  assert jax.tree.map(lambda a, b: a.dtype == b.dtype, out, updates)
+  params = optax.apply_updates(params, out)
+  model = optax_bema.averaged_params(state, params)
+  assert {k: v.dtype for k, v in model.items()} == {
+      k: v.dtype for k, v in params.items()}
+  # integer and boolean leaves are never averaged: they are the params'
+  np.testing.assert_array_equal(model['step'], params['step'])
+  np.testing.assert_array_equal(model['mask'], params['mask'])
+
+
+def test_accumulator_dtype_is_respected():
+  params = jnp.ones(3, jnp.float32)
+  state = optax_bema.ema(accumulator_dtype=jnp.bfloat16).init(params)
+  assert state.ema.dtype == jnp.bfloat16
+
+
+COPIES = [('ema', {}, 1), ('dema', {}, 2), ('ouema', {}, 2), ('bema', {}, 3),
+          ('bema', {'update_freq': 1}, 2)]
+
+
+@pytest.mark.parametrize('kind,hp,copies', COPIES)
+def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
+  params = {'emb': jnp.ones((64, 16)), 'w': jnp.ones((16, 16)),
+            'b': jnp.ones(16, jnp.bfloat16)}
+  param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))  # f32 avgs
+  state = factory(kind, **hp).init(params)
+  big = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim > 0)
+  small = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim == 0)
+  assert big == copies * param_bytes
+  assert small <= 16
+
+
+def test_abstract_init():
+  params = {'w': jax.ShapeDtypeStruct((1000, 1000), jnp.bfloat16)}
+  for kind in KINDS:
+    shapes = jax.eval_shape(factory(kind).init, params)
+    assert all(x.dtype in (jnp.float32, jnp.int32)
+               for x in jax.tree.leaves(shapes))
+
+
+# --- bad input -------------------------------------------------------------
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('bad', [
+    dict(ema_power=-0.1), dict(update_freq=0), dict(update_after=-1),
+    dict(update_freq=2.5), dict(min_ema_multiplier=1.5),
+    dict(min_ema_multiplier=-0.1), dict(lag=-1.0, multiplier=1.0),
+    dict(lag=0.0, multiplier=0.0), dict(multiplier=-1.0),
+    dict(lag=0.0, multiplier=0.25),  # weight 2 at step 1: not an average
+])
+def test_bad_hyperparameters_raise_at_construction(kind, bad):
+  with pytest.raises(ValueError):
+    factory(kind, **bad)
+
+
+@pytest.mark.parametrize('kind', ['bema', 'ouema'])
+def test_negative_bias_power_raises(kind):
+  with pytest.raises(ValueError, match='bias_power'):
+    factory(kind, bias_power=-0.2)
+
+
+def test_update_without_params_names_params():
+  tx = optax_bema.bema()
+  state = tx.init(jnp.ones(2))
+  with pytest.raises(ValueError, match='params'):
+    tx.update(jnp.ones(2), state)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('freq', [1, 2])
+@pytest.mark.parametrize('bad_value', [np.nan, np.inf])
+def test_non_finite_iterate_never_enters_the_average(kind, freq, bad_value):
+  theta0, _, thetas = random_trajectory(10, seed=4)
+  bad_step = 7  # an update step for both frequencies (update_after=1)
+  tx = factory(kind, update_freq=freq, update_after=1)
+  params = jnp.asarray(theta0)
+  state = tx.init(params)
+  models = []
+  for i, theta in enumerate(thetas, 1):
+    u = jnp.asarray(theta) - params
+    if i == bad_step:
+      u = u.at[2].set(bad_value)
+    _, state = tx.update(u, state, params)
+    if i == bad_step:  # the trainer keeps its finite weights and goes on
+      assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+      continue
+    params = params + u
+    models.append(optax_bema.averaged_params(state, params))
+  kept = [th for i, th in enumerate(thetas, 1) if i != bad_step]
+  assert int(state.nonfinite_count) == 1
+  assert int(state.count) == len(thetas)
+  # after the skip, the average continues from its last finite value; the
+  # step numbers of the later updates are the absolute ones (SPEC §1)
+  ref_steps = [i for i in range(1, 11) if i != bad_step]
+  ref = reference_models(kind, theta0, kept, ref_steps, update_freq=freq,
+                         update_after=1)
+  np.testing.assert_allclose(models, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_step_counter_saturates():
+  tx = optax_bema.bema(update_freq=1)
+  params = jnp.ones(3)
+  state = tx.init(params)
+  state = state._replace(count=jnp.asarray(np.iinfo(np.int32).max - 1,
+                                           jnp.int32))
+  for _ in range(3):
+    _, state = tx.update(jnp.full(3, 0.1), state, params)
+    params = params + 0.1
+  assert int(state.count) == np.iinfo(np.int32).max
+  model = optax_bema.averaged_params(state, params)
+  assert np.isfinite(model).all()
