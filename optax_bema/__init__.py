@@ -5,7 +5,11 @@ BEMA, DEMA, OUEMA), as Optax transforms that go last in a chain, and the
 model they return through :func:`averaged_params`.
 """
 
+from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
+from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._core import averaged_params
+from optax_bema._pace import PaceState
+from optax_bema._pace import pace
 from optax_bema._stabilizers import BemaState
 from optax_bema._stabilizers import DemaState
 from optax_bema._stabilizers import EmaState
@@ -18,13 +22,17 @@ from optax_bema._stabilizers import ouema
 __version__ = '0.1.0'
 
 __all__ = [
+    'AdaptiveAdemamixState',
     'BemaState',
     'DemaState',
     'EmaState',
     'OuemaState',
+    'PaceState',
+    'adaptive_ademamix',
     'averaged_params',
     'bema',
     'dema',
     'ema',
     'ouema',
+    'pace',
 ]

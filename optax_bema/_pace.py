@@ -1,0 +1,311 @@
+"""PACE: AdamW whose live weights are pulled toward their own EMA.
+
+The Adam moments, the decoupled weight decay and the learning-rate scaling are
+``optax.adamw``'s own pieces, called in the same order, so ``pullback=0`` gives
+its iterates bit for bit; this module adds the pullback, the EMA and the
+guard against running PACE after another optimizer.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_bema import _core
+
+# The EMA weight never falls below this, however long training runs (SPEC 3).
+_DECAY_FLOOR = 1e-4
+
+_RIGHT_SPELLING = (
+    'PACE is the whole optimizer (AdamW plus the pullback), not a stabilizer '
+    'to put after one: it needs the raw gradient, for its own Adam second '
+    'moment, and the scheduled learning rate. Write it in place of '
+    'optax.adamw, e.g. optax.chain(optax.clip_by_global_norm(1.0), '
+    'optax_bema.pace(1e-3, pullback=0.15, ema_power=0.2)).')
+
+
+class PaceState(NamedTuple):
+  """State of :func:`pace`: three parameter-sized copies and telemetry.
+
+  ``clipped_fraction`` and ``mean_gain`` describe the last step.
+  """
+  count: jax.Array             # steps taken, int32, saturating
+  mu: optax.Updates            # Adam's first moment
+  nu: optax.Updates            # Adam's second moment
+  ema: optax.Params            # the model PACE returns
+  last_ema_step: jax.Array     # the step of the last EMA update, int32
+  clipped_fraction: jax.Array  # share of coordinates whose gain hit 1
+  mean_gain: jax.Array         # mean per-coordinate gain lam
+
+
+_core.register_readout(
+    PaceState, lambda s, params: _core.cast_like_params(s.ema, params))
+
+
+def pace(
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    *,
+    pullback: float,
+    ema_power: float,
+    delay: float = 0.0,
+    multiplier: float = 1.0,
+    update_freq: int = 1,
+    clip_pullback: bool = True,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    accumulator_dtype: Optional[jnp.dtype] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW that pulls its live weights toward their EMA, the model returned.
+
+  Per coordinate, at step :math:`t` (from 1), with :math:`\eta_t` the
+  scheduled learning rate (``learning_rate(t - 1)``, as in ``optax.adamw``),
+  :math:`c` the pullback, :math:`\kappa` the EMA power, :math:`\gamma` the
+  multiplier, :math:`\rho` the delay and :math:`\lambda` the weight decay:
+
+  .. math::
+    m &\leftarrow \beta_1 m + (1-\beta_1) g, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
+    D = \sqrt{v / (1-\beta_2^t)} + \epsilon \\
+    \theta' &= \theta - \eta_t \left(\frac{m / (1-\beta_1^t)}{D}
+      + \lambda \theta\right) \\
+    \beta_t &= \max\left((1 + \gamma \max(0, t - \rho))^{-\kappa},
+      10^{-4}\right), \quad
+    \ell = \min\left(\frac{\eta_t c \beta_t}{D}, 1\right) \\
+    \theta_t &= \theta' + \ell (\bar\theta - \theta) \\
+    \bar\theta &\leftarrow (1 - \beta_t) \bar\theta + \beta_t \theta_t
+    \quad \text{if } (t - t_{ema}) \bmod \phi = 0, \text{ then }
+    t_{ema} = t,
+
+  where :math:`\bar\theta` is the EMA from before this step's update (so the
+  pullback is exactly zero at step 1, where :math:`\bar\theta = \theta_0`),
+  :math:`\phi` is ``update_freq`` and :math:`t_{ema}` starts at 0. The
+  pullback acts every step; only the EMA update is gated. The model to
+  return is the EMA: ``optax_bema.averaged_params(opt_state, params)``.
+
+  The gain :math:`\ell` is largest on coordinates with a small gradient
+  scale :math:`D`, those Adam moves furthest per unit of gradient. The state
+  records, without a host sync, the share of coordinates where it reached 1
+  (``clipped_fraction``, the paper's main telemetry) and its mean
+  (``mean_gain``).
+
+  PACE must receive the raw gradient: ``optax.chain(optax.adamw(lr),
+  optax_bema.pace(lr, ...))`` would run Adam twice. That spelling fails at
+  once: ``pace`` without ``learning_rate`` raises ``TypeError`` at
+  construction, and at its first update (at trace time under ``jit``)
+  ``pace`` looks at the ``optax.chain`` / ``optax.named_chain`` calls that
+  enclose it and raises ``ValueError`` when an element before it keeps a
+  parameter-shaped float state (Adam or AdEMAMix moments, momentum, a
+  gradient accumulator): that element has already turned the gradient into
+  an update. Stateless gradient processing (``clip_by_global_norm``,
+  ``zero_nans``, ...) may precede it; accumulate with ``optax.MultiSteps``
+  around ``pace`` instead of a transform before it.
+
+  Args:
+    learning_rate: eta, a float or an optax schedule; required.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: added to Adam's denominator, outside the square root.
+    weight_decay: lambda, decoupled and scaled by the scheduled learning rate.
+    pullback: c >= 0, the pullback strength; 0 is AdamW with an EMA kept for
+      evaluation, and then the iterates equal ``optax.adamw``'s exactly.
+    ema_power: kappa >= 0, the power of the EMA weight.
+    delay: rho >= 0, steps before the EMA weight starts to decay; until then
+      it is 1 and the EMA follows the weights.
+    multiplier: gamma >= 0, the step's factor in the EMA weight's base.
+    update_freq: phi >= 1, the EMA is updated every ``update_freq`` steps.
+    clip_pullback: whether to clip the gain at 1 (the paper's rule).
+    mask: an optax-style mask (a pytree of bools, a prefix of it, or a
+      callable of the params) of the leaves weight decay applies to.
+    accumulator_dtype: dtype of the Adam moments and the EMA; by default
+      float32 for bfloat16/float16 weights and the weights' own otherwise.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its update needs
+    ``params`` and returns updates in the params' dtypes. Its state is a
+    :class:`PaceState`.
+
+  Raises:
+    TypeError: without a learning rate, or given a transform in its place.
+    ValueError: for negative ``pullback``, ``ema_power``, ``delay``,
+      ``multiplier``, ``weight_decay`` or ``eps``, betas outside [0, 1),
+      ``update_freq`` not an integer >= 1; at the first update, without
+      ``params`` or after an optimizer in a chain.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+    ...                  optax_bema.pace(1e-2, pullback=0.15, ema_power=0.2))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   grads = {'w': params['w'] - 0.5}
+    ...   updates, state = jax.jit(tx.update)(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> model = optax_bema.averaged_params(state, params)
+    >>> model['w'].shape, float(state[1].clipped_fraction)
+    ((3,), 0.0)
+
+  References:
+    Au and Block, `Training for the Model You Return
+    <https://arxiv.org/abs/2606.25086>`_, 2026.
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  if learning_rate is None:
+    raise TypeError('pace: missing the learning rate. ' + _RIGHT_SPELLING)
+  if isinstance(learning_rate, optax.GradientTransformation):
+    raise TypeError('pace: learning_rate is a transform, not a rate. '
+                    + _RIGHT_SPELLING)
+  _check_hyperparameters(
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, pullback=pullback, ema_power=ema_power,
+      delay=delay, multiplier=multiplier, update_freq=update_freq)
+  # optax.adamw's own pieces, in its order: pullback=0 reproduces it exactly.
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  decay = optax.add_decayed_weights(weight_decay, mask)
+  every_step = _core.is_static(update_freq) and int(update_freq) == 1
+
+  def init_fn(params):
+    def zeros(p):
+      return jnp.zeros_like(
+          p, dtype=_core.accumulator_dtype_for(p, accumulator_dtype))
+    return PaceState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
+        ema=_core.copy_tree(params, accumulator_dtype),
+        last_ema_step=jnp.zeros([], jnp.int32),
+        clipped_fraction=jnp.zeros([], _core.SCALAR_DTYPE),
+        mean_gain=jnp.zeros([], _core.SCALAR_DTYPE))
+
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    _core.require_params(params, 'pace')
+    _refuse_to_follow_an_optimizer(params)
+    t = optax.safe_increment(state.count)
+    lr = (learning_rate(state.count) if callable(learning_rate)
+          else learning_rate)
+    step, adam_state = adam.update(
+        grads, optax.ScaleByAdamState(state.count, state.mu, state.nu))
+    step, _ = decay.update(step, decay.init(params), params)
+    step = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, step)
+
+    scale = jax.tree.map(
+        jnp.sqrt, optax.tree.bias_correction(adam_state.nu, b2, t))
+    beta = _core.power_law(
+        jnp.maximum(jnp.asarray(t, _core.SCALAR_DTYPE) - delay, 0.0),
+        lag=1.0, multiplier=multiplier, power=ema_power, floor=_DECAY_FLOOR)
+    # In float32 whether or not inject_hyperparams made lr an array.
+    strength = (jnp.asarray(lr, _core.SCALAR_DTYPE)
+                * jnp.asarray(pullback, _core.SCALAR_DTYPE) * beta)
+    raw_gain = jax.tree.map(
+        lambda s: strength.astype(s.dtype) / (s + eps), scale)
+    gain = jax.tree.map(
+        lambda g: jnp.where(clip_pullback, jnp.minimum(g, 1), g), raw_gain)
+
+    def pulled(p, u, lam, e):
+      return (u + lam * (e - p.astype(e.dtype))).astype(p.dtype)
+    updates = jax.tree.map(pulled, params, step, gain, state.ema)
+
+    theta = _core.iterate_tree(params, updates, accumulator_dtype)
+    ema = jax.tree.map(
+        lambda e, x: (1 - beta.astype(e.dtype)) * e + beta.astype(e.dtype) * x,
+        state.ema, theta)
+    last_ema_step = t
+    if not every_step:
+      due = (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0
+      ema = optax.tree.where(due, ema, state.ema)
+      last_ema_step = jnp.where(due, t, state.last_ema_step)
+    return updates, PaceState(
+        count=t, mu=adam_state.mu, nu=adam_state.nu, ema=ema,
+        last_ema_step=last_ema_step,
+        clipped_fraction=_mean_over_coordinates(
+            jax.tree.map(lambda g: g >= 1, raw_gain)),
+        mean_gain=_mean_over_coordinates(gain))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_hyperparameters(*, learning_rate, b1, b2, eps, weight_decay,
+                           pullback, ema_power, delay, multiplier,
+                           update_freq):
+  if not callable(learning_rate):
+    _core.check(lambda v: v >= 0, learning_rate,
+                f'pace: learning_rate must be >= 0, got {learning_rate}.')
+  for name, value in (('b1', b1), ('b2', b2)):
+    _core.check(lambda v: 0 <= v < 1, value,
+                f'pace: {name} must lie in [0, 1), got {value}.')
+  for name, value in (('eps', eps), ('weight_decay', weight_decay),
+                      ('pullback', pullback), ('delay', delay)):
+    _core.check(lambda v: v >= 0, value,
+                f'pace: {name} must be >= 0, got {value}.')
+  _core.check_power_law('pace', power=ema_power, lag=1.0,
+                        multiplier=multiplier)
+  _core.check_schedule('pace', update_after=0, update_freq=update_freq)
+
+
+def _mean_over_coordinates(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  total = sum(x.size for x in leaves)
+  if not total:
+    return jnp.zeros([], _core.SCALAR_DTYPE)
+  return sum(jnp.sum(x, dtype=_core.SCALAR_DTYPE) for x in leaves) / total
+
+
+# --- the guard against optax.chain(optax.adamw(lr), optax_bema.pace(...)) ---
+
+_CHAIN_UPDATES = frozenset(
+    tx.update.__code__ for tx in (optax.chain(optax.identity()),
+                                  optax.named_chain(('a', optax.identity()))))
+# Enough for chain -> inject_hyperparams -> MultiSteps -> pace and deeper.
+_MAX_FRAMES = 32
+
+
+def _refuse_to_follow_an_optimizer(params):
+  """Raises when an enclosing chain ran an optimizer before this transform.
+
+  ``optax.chain`` and ``optax.named_chain`` keep the new states of the
+  elements already run in their local ``new_state``; an element whose state
+  holds a float tree shaped like ``params`` keeps per-coordinate statistics
+  of the gradient, so the updates reaching PACE are no longer gradients.
+  This runs in Python, once per trace under ``jit``, and costs nothing on
+  the device.
+  """
+  frame = sys._getframe(2)  # pylint: disable=protected-access
+  for _ in range(_MAX_FRAMES):
+    if frame is None:
+      return
+    if frame.f_code in _CHAIN_UPDATES:
+      earlier = frame.f_locals.get('new_state')
+      found = _parameter_shaped(earlier, params) if earlier else []
+      if found:
+        raise ValueError(
+            'pace: an earlier element of the enclosing optax chain keeps '
+            f'parameter-shaped state (the chain\'s state{found[0]}), so it '
+            'is an optimizer and PACE would receive its updates instead of '
+            'gradients, as in optax.chain(optax.adamw(lr), '
+            'optax_bema.pace(lr, ...)), which applies Adam twice. '
+            + _RIGHT_SPELLING)
+    frame = frame.f_back
+
+
+def _parameter_shaped(state, params) -> list[str]:
+  params_def = jax.tree.structure(params)
+  shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+
+  def matches(x):
+    if jax.tree.structure(x) != params_def:
+      return False
+    leaves = jax.tree.leaves(x)
+    return all(hasattr(v, 'dtype') and _core.is_float_leaf(v)
+               and jnp.shape(v) == s for v, s in zip(leaves, shapes))
+
+  found, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=matches)
+  return [jax.tree_util.keystr(path) for path, x in found if matches(x)]
