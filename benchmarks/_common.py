@@ -1,0 +1,117 @@
+"""What the two benchmarks share: stabilizers riding one trajectory, output.
+
+Both benchmarks compare EMA, BEMA, OUEMA and DEMA on the SAME optimizer
+trajectory. A stabilizer must be the last element of its chain, so instead of
+four chains (four optimizer runs, four gradient evaluations per step) the
+benchmarks run the optimizer once and hand each step's ``(updates, params)``
+to every stabilizer's own ``update``: exactly what each would see as the last
+element of ``optax.chain(optimizer, stabilizer)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from typing import Callable, Mapping
+
+import jax
+import matplotlib
+
+matplotlib.use('Agg')  # benchmarks write PNGs; they never open a window
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import optax
+import optax_bema
+
+STABILIZERS: Mapping[str, Callable[..., optax.GradientTransformation]] = {
+    'ema': optax_bema.ema,
+    'bema': optax_bema.bema,
+    'ouema': optax_bema.ouema,
+    'dema': optax_bema.dema,
+}
+# bias_power means nothing to EMA and DEMA; passing it would be an error.
+_TAKES_BIAS_POWER = ('bema', 'ouema')
+
+
+def make_stabilizers(names, *, suffix: str = '', bias_power: float = 0.2,
+                     **hyperparams) -> dict[str, optax.GradientTransformation]:
+  """``{name + suffix: transform}`` for the named stabilizers."""
+  out = {}
+  for name in names:
+    extra = {'bias_power': bias_power} if name in _TAKES_BIAS_POWER else {}
+    out[name + suffix] = STABILIZERS[name](**hyperparams, **extra)
+  return out
+
+
+class Averages:
+  """Several stabilizers fed the one trajectory an optimizer produces.
+
+  Pure functions of explicit state, so they jit, scan and vmap.
+  """
+
+  def __init__(self, transforms: Mapping[str, optax.GradientTransformation]):
+    self.transforms = dict(transforms)
+
+  def init(self, params):
+    return {k: tx.init(params) for k, tx in self.transforms.items()}
+
+  def update(self, states, updates, params):
+    """Each stabilizer sees the step as the last element of its chain."""
+    return {k: tx.update(updates, states[k], params)[1]
+            for k, tx in self.transforms.items()}
+
+  def models(self, states, params):
+    """The model each stabilizer returns; ``params`` are the live weights."""
+    return {k: optax_bema.averaged_params(s, params) for k, s in states.items()}
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_out: str):
+  parser.add_argument('--quick', action='store_true',
+                      help='the small configuration (minutes on 2 CPU cores)')
+  parser.add_argument('--out', default=default_out,
+                      help='directory for results.json and the plot')
+
+
+def machine() -> str:
+  """Where the numbers came from, for the results file and the README."""
+  cpu = platform.processor() or platform.machine()
+  if os.path.exists('/proc/cpuinfo'):
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f
+               if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  return (f'{cpu}, {os.cpu_count()} CPU cores, jax {jax.__version__} on '
+          f'{jax.default_backend()} ({jax.device_count()} device(s))')
+
+
+def write_results(out_dir: str, results: dict) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, 'results.json')
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=1)
+  return path
+
+
+def plot_curves(ax, curves: Mapping[str, list], *, title: str, ylabel: str,
+                logy: bool = False):
+  """One line per method: ``curves[name] = [[step, value], ...]``."""
+  for name, curve in curves.items():
+    steps, values = zip(*curve)
+    ax.plot(steps, values, label=name, lw=1.2)
+  ax.set_title(title)
+  ax.set_xlabel('step')
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

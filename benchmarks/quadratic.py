@@ -1,0 +1,256 @@
+"""The theory, simulated: SGD on a noisy quadratic (BEMA paper, Section 3).
+
+    theta_{k+1} = theta_k - eta (A (theta_k - mu) + xi_k),  Cov xi = sigma^2 I
+
+from a start far from mu, many seeds at once (``jax.vmap``). The curves are
+E||estimate - mu||^2 over steps for the last iterate ("vanilla"), the
+library's EMA, BEMA, OUEMA and DEMA fed the simulated trajectory (see
+``_common.Averages``), and the library's PACE run on the same quadratic.
+
+The oracles compare simulation with closed form (SPEC sections 3 and 4):
+
+* last iterate: the EXACT discrete formula for SGD,
+  ||(I - eta A)^K (theta_0 - mu)||^2
+  + eta^2 sigma^2 sum_i (1 - (1 - eta a_i)^{2K}) / (1 - (1 - eta a_i)^2),
+  not the continuous-time Prop. 2, reported beside it as written in SPEC 4
+  (``prop2_as_in_spec``): its noise term is twice the SDE's own;
+* the discrete MLE mean(theta_0..theta_{K-1}) + (theta_K - theta_0)/(eta A K):
+  sigma^2 Tr(A^-2) / K exactly (Thm. 2's discrete analogue);
+* stylised PACE (Prop. 2 of the PACE paper), the 1-D recursion
+  x' = x - a x - eta xi + c (e - x),  e' = (1 - beta) e + beta x'
+  (x = theta - mu, e = EMA - mu, pullback toward the EMA of BEFORE the
+  update): stationary E[e^2] = gamma0(c), for c = 0 and a small c > 0.
+
+Each oracle carries the standard error of its Monte-Carlo mean over seeds,
+so agreement is judged statistically.
+
+  python benchmarks/quadratic.py --quick --out benchmarks/results/quadratic
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+import optax_bema
+
+import _common
+
+DIM = 20
+SIGMA = 1.0
+START_OFFSET = 3.0      # theta_0 = mu + 3 in every coordinate: ||.||^2 = 180
+# Paper Fig. 2 is A = I; the second problem has condition number 100.
+PROBLEMS = {
+    'isotropic': dict(eigs=np.ones(DIM), eta=0.01),
+    'ill_conditioned': dict(eigs=np.logspace(0.0, -2.0, DIM), eta=0.1),
+}
+# The BEMA paper's Table 2 defaults, but updating every step: on a quadratic
+# every step is cheap and the stabilizers' schedules are in absolute steps.
+STABILIZER_HPARAMS = dict(ema_power=0.5, bias_power=0.2, lag=10.0,
+                          multiplier=1.0, update_freq=1)
+# PACE's paper headline pullback, with the stabilizers' ema_power so its EMA
+# window matches theirs. Near mu its Adam denominator is the gradient's RMS,
+# about sigma, so it acts like SGD with step lr / sigma: lr = eta * sigma
+# matches SGD there (far from mu it moves ~lr per coordinate instead).
+PACE_HPARAMS = dict(pullback=0.15, ema_power=0.5, weight_decay=0.0)
+# Stylised PACE: a = eta * alpha = 0.1, constant EMA weight and gains.
+STYLISED = dict(eta=0.1, alpha=1.0, beta=0.05, gains=(0.0, 0.05))
+
+
+def simulate(eigs, eta, steps, seeds, key):
+  """Runs every method on ``seeds`` independent noise sequences.
+
+  Returns ``(curves, finals)``: ``curves[name]`` is E||estimate - mu||^2 after
+  each step (mean over seeds), ``finals`` the per-seed errors at step K of the
+  last iterate and of the discrete MLE.
+  """
+  eigs = jnp.asarray(eigs, jnp.float32)
+  mu = jnp.ones(DIM)
+  theta0 = mu + START_OFFSET
+  sgd = optax.sgd(eta)
+  averages = _common.Averages(
+      _common.make_stabilizers(_common.STABILIZERS, **STABILIZER_HPARAMS))
+  pace = optax_bema.pace(eta * SIGMA, **PACE_HPARAMS)
+
+  def gradient(theta, noise):
+    return eigs * (theta - mu) + SIGMA * noise
+
+  def init():
+    return dict(theta=theta0, sgd=sgd.init(theta0),
+                averages=averages.init(theta0),
+                pace_params=theta0, pace=pace.init(theta0),
+                theta_sum=jnp.zeros(DIM))
+
+  def step(carry, key):
+    """One seed's SGD step and PACE step, each on its own noise draw."""
+    noise = jax.random.normal(key, (2, DIM))
+    theta = carry['theta']
+    updates, sgd_state = sgd.update(gradient(theta, noise[0]), carry['sgd'])
+    average_states = averages.update(carry['averages'], updates, theta)
+    new_theta = optax.apply_updates(theta, updates)
+    pace_updates, pace_state = pace.update(
+        gradient(carry['pace_params'], noise[1]), carry['pace'],
+        carry['pace_params'])
+    pace_params = optax.apply_updates(carry['pace_params'], pace_updates)
+    models = averages.models(average_states, new_theta)
+    models['vanilla'] = new_theta
+    models['pace'] = optax_bema.averaged_params(pace_state, pace_params)
+    errors = {k: jnp.sum((m - mu) ** 2) for k, m in models.items()}
+    carry = dict(theta=new_theta, sgd=sgd_state, averages=average_states,
+                 pace_params=pace_params, pace=pace_state,
+                 theta_sum=carry['theta_sum'] + theta)
+    return carry, errors
+
+  def run(key):
+    # Every seed starts from the same theta_0; only the noise differs.
+    carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,) + x.shape),
+                         init())
+    step_keys = jax.random.split(jax.random.fold_in(key, 1), (steps, seeds))
+
+    def all_seeds(carry, keys):
+      carry, errors = jax.vmap(step)(carry, keys)
+      return carry, jax.tree.map(jnp.mean, errors)
+    carry, curves = jax.lax.scan(all_seeds, carry, step_keys)
+    mle = (carry['theta_sum'] / steps
+           + (carry['theta'] - theta0) / (eta * eigs * steps))
+    finals = {'last_iterate': jnp.sum((carry['theta'] - mu) ** 2, -1),
+              'mle': jnp.sum((mle - mu) ** 2, -1)}
+    return curves, finals
+
+  return jax.jit(run)(key)
+
+
+def last_iterate_theory(eigs, eta, steps):
+  contraction = 1.0 - eta * eigs
+  bias = np.sum((contraction ** steps * START_OFFSET) ** 2)
+  variance = eta ** 2 * SIGMA ** 2 * np.sum(
+      (1.0 - contraction ** (2 * steps)) / (1.0 - contraction ** 2))
+  return float(bias + variance)
+
+
+def prop2_as_in_spec(eigs, eta, steps):
+  """SPEC 4's continuous-time Prop. 2 at T = eta K, for comparison only.
+
+  Its noise term is twice the stationary variance eta sigma^2 / (2 a) of the
+  SDE it states, and of SGD as eta -> 0; the oracle uses the exact formula.
+  """
+  decay = np.exp(-eigs * eta * steps)
+  return float(np.sum((decay * START_OFFSET) ** 2) + eta * SIGMA ** 2
+               * np.sum((1.0 - decay ** 2) / eigs))
+
+
+def mle_theory(eigs, steps):
+  return float(SIGMA ** 2 * np.sum(eigs ** -2.0) / steps)
+
+
+def stylised_pace_theory(c):
+  """gamma0(c): PACE paper Prop. 2, as SPEC section 3 states it."""
+  eta, beta = STYLISED['eta'], STYLISED['beta']
+  a = eta * STYLISED['alpha']
+  return float(
+      beta * eta ** 2 * SIGMA ** 2 * (2 - a - beta + a * beta - c * (1 - beta))
+      / (a * (a + beta - a * beta + c * (1 - beta))
+         * (4 - 2 * a - 2 * beta + a * beta - 2 * c * (1 - beta))))
+
+
+def simulate_stylised_pace(c, steps, seeds, key):
+  """Per-seed time average of e^2 over the second half of ``steps``."""
+  eta, beta = STYLISED['eta'], STYLISED['beta']
+  a = eta * STYLISED['alpha']
+
+  def one_seed(key):
+    def step(carry, noise):
+      x, e = carry
+      x = x - a * x - eta * SIGMA * noise + c * (e - x)
+      e = (1 - beta) * e + beta * x
+      return (x, e), e ** 2
+    noise = jax.random.normal(key, (steps,))
+    _, squares = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), noise)
+    return jnp.mean(squares[steps // 2:])
+  return jax.jit(jax.vmap(one_seed))(jax.random.split(key, seeds))
+
+
+def oracle(name, samples, theory):
+  samples = np.asarray(samples, np.float64)
+  return dict(name=name, measured=float(samples.mean()), theory=theory,
+              stderr=float(samples.std(ddof=1) / np.sqrt(samples.size)))
+
+
+def thin(curve, points=200):
+  """About ``points`` log-spaced [step, mse] pairs (steps count from 1)."""
+  steps = np.unique(np.geomspace(1, len(curve), points).astype(int))
+  return [[int(s), float(curve[s - 1])] for s in steps]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  _common.add_common_args(parser, 'benchmarks/results/quadratic')
+  parser.add_argument('--steps', type=int, help='SGD steps (override)')
+  parser.add_argument('--seeds', type=int, help='seeds (override)')
+  args = parser.parse_args()
+  steps = args.steps or (2000 if args.quick else 10000)
+  seeds = args.seeds or (256 if args.quick else 2048)
+  started = time.time()
+  key = jax.random.key(0)
+
+  oracles, curves = [], {}
+  for i, (problem, spec) in enumerate(PROBLEMS.items()):
+    curve, finals = simulate(spec['eigs'], spec['eta'], steps, seeds,
+                             jax.random.fold_in(key, i))
+    curves[problem] = {k: thin(np.asarray(v)) for k, v in curve.items()}
+    oracles.append(dict(
+        oracle(f'last_iterate/{problem}', finals['last_iterate'],
+               last_iterate_theory(spec['eigs'], spec['eta'], steps)),
+        prop2_as_in_spec=prop2_as_in_spec(spec['eigs'], spec['eta'], steps)))
+    oracles.append(oracle(f'mle/{problem}', finals['mle'],
+                          mle_theory(spec['eigs'], steps)))
+  for c in STYLISED['gains']:
+    samples = simulate_stylised_pace(c, 10 * steps, seeds,
+                                     jax.random.fold_in(key, 100))
+    oracles.append(oracle(f'stylised_pace_ema/c={c}', samples,
+                          stylised_pace_theory(c)))
+
+  results = dict(oracles=oracles, curves=curves['isotropic'],
+                 curves_ill_conditioned=curves['ill_conditioned'],
+                 config=dict(dim=DIM, sigma=SIGMA, steps=steps, seeds=seeds,
+                             start_offset=START_OFFSET,
+                             problems={k: dict(eta=v['eta'],
+                                               eigs=v['eigs'].tolist())
+                                       for k, v in PROBLEMS.items()},
+                             stabilizers=STABILIZER_HPARAMS, pace=PACE_HPARAMS,
+                             stylised_pace=STYLISED, machine=_common.machine(),
+                             wall_seconds=round(time.time() - started, 1)))
+  path = _common.write_results(args.out, results)
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, problem in zip(axes, PROBLEMS):
+    _common.plot_curves(ax, curves[problem],
+                        title=f'{problem} quadratic, d={DIM}, {seeds} seeds',
+                        ylabel='E||estimate - mu||^2', logy=True)
+    # Thm. 2's MLE knows A and eta: the floor no A-blind average can beat.
+    spec = PROBLEMS[problem]
+    ks = np.geomspace(1, steps, 100)
+    ax.plot(ks, SIGMA ** 2 * np.sum(spec['eigs'] ** -2.0) / ks, 'k--', lw=0.8,
+            label='MLE (theory)')
+    ax.legend(fontsize=7)
+    ax.set_xscale('log')
+  _common.save_figure(fig, args.out, 'quadratic.png')
+
+  print(f'{"oracle":32s} {"measured":>11s} {"theory":>11s} {"z":>6s}')
+  for o in oracles:
+    z = (o['measured'] - o['theory']) / o['stderr']
+    print(f'{o["name"]:32s} {o["measured"]:11.5g} {o["theory"]:11.5g} {z:6.2f}')
+  print(f'final E||estimate - mu||^2 at step {steps}:')
+  for problem in PROBLEMS:
+    print('  ' + problem + ': ' + ', '.join(
+        f'{k} {v[-1][1]:.4g}' for k, v in curves[problem].items()))
+  print(f'wrote {path} in {time.time() - started:.0f}s')
+
+
+if __name__ == '__main__':
+  main()
