@@ -49,37 +49,86 @@ def copy_tree(params, accumulator_dtype):
 
 def iterate_tree(params, updates, accumulator_dtype):
   """theta_t = params + updates, rounded exactly as ``optax.apply_updates``."""
-  def iterate(p, u):
-    if not is_float_leaf(p):
+  return as_accumulator(optax.apply_updates(params, updates),
+                        accumulator_dtype)
+
+
+def as_accumulator(tree, accumulator_dtype):
+  """Float leaves in the accumulator dtype; the others ``MaskedNode``."""
+  def cast(x):
+    if not is_float_leaf(x):
       return optax.MaskedNode()
-    theta = jnp.asarray(p + u).astype(p.dtype)
-    return theta.astype(accumulator_dtype_for(p, accumulator_dtype))
-  return jax.tree.map(iterate, params, updates)
+    return x.astype(accumulator_dtype_for(x, accumulator_dtype))
+  return jax.tree.map(cast, tree)
+
+
+def in_host_memory(x) -> bool:
+  return getattr(jax.typeof(x), 'memory_space', None) == jax.memory.Space.Host
 
 
 def to_host(tree):
-  """Moves every array of ``tree`` to host memory (``pinned_host``).
+  """Moves the arrays of ``tree`` to host memory (``pinned_host``).
 
   Shardings are kept; only the memory kind changes. Works on concrete arrays
-  and inside ``jit`` alike.
+  and inside ``jit`` alike; arrays already there are left alone.
   """
-  return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Host), tree)
+  return jax.tree.map(
+      lambda x: x if in_host_memory(x)
+      else jax.device_put(x, jax.memory.Space.Host), tree)
 
 
 def to_device(tree):
   """Moves the arrays of ``tree`` that live in host memory to the device."""
-  def fetch(x):
-    if getattr(jax.typeof(x), 'memory_space', None) == jax.memory.Space.Host:
-      return jax.device_put(x, jax.memory.Space.Device)
+  return jax.tree.map(
+      lambda x: jax.device_put(x, jax.memory.Space.Device)
+      if in_host_memory(x) else x, tree)
+
+
+def like_sharding(x, ref):
+  """``x`` laid out as ``ref``, where the two are sharded differently.
+
+  This lets a state be sharded unlike its params (ZeRO-style: the averages
+  split over the data axis too). Explicit mesh axes make such a mismatch a
+  type error, so ``x`` is resharded; concrete arrays are moved; inside
+  ``jit`` under automatic axes XLA places ``x`` (``out_shardings`` decide).
+  """
+  if isinstance(x, jax.core.Tracer) or isinstance(ref, jax.core.Tracer):
+    want = jax.typeof(ref).sharding
+    if (jax.sharding.AxisType.Explicit in want.mesh.axis_types
+        and want.spec != jax.typeof(x).sharding.spec):
+      return jax.sharding.reshard(x, want)
     return x
-  return jax.tree.map(fetch, tree)
+  if (isinstance(ref.sharding, jax.sharding.NamedSharding)
+      and x.sharding != ref.sharding):
+    return jax.device_put(x, ref.sharding)
+  return x
 
 
 def all_finite(tree) -> jax.Array:
+  """Whether every element of every leaf is finite, exactly.
+
+  On accelerators, ``isfinite(x).all()``: XLA fuses the reduction into one
+  read, and a ``lax.cond`` there would stall the host on every step. On CPU
+  that form writes a boolean temporary and reduces it in a tree, 2-3 times
+  slower than a sum, so there the sum decides: it is non-finite whenever an
+  element is (NaN and infinities propagate through addition), and only then
+  -- a non-finite element, or finite ones whose sum overflowed -- does the
+  element-wise test run. (``max(abs(x))`` drops NaN on XLA:CPU's fast path.)
+  """
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.asarray(True)
-  return jnp.stack([jnp.isfinite(x).all() for x in leaves]).all()
+
+  def elementwise(*xs):
+    return jnp.stack([jnp.isfinite(x).all() for x in xs]).all()
+
+  def summed(*xs):
+    total = jnp.stack([
+        jnp.sum(x, dtype=jnp.promote_types(x.dtype, SCALAR_DTYPE))
+        for x in xs]).sum()
+    return jax.lax.cond(jnp.isfinite(total), lambda *_: jnp.asarray(True),
+                        elementwise, *xs)
+  return jax.lax.platform_dependent(*leaves, cpu=summed, default=elementwise)
 
 
 def require_params(params, name: str):
@@ -176,7 +225,7 @@ def cast_like_params(model, params):
   def cast(p, m):
     if isinstance(m, optax.MaskedNode):
       return p
-    return m.astype(p.dtype)
+    return like_sharding(m.astype(p.dtype), p)
   return jax.tree.map(cast, params, model)
 
 
@@ -254,7 +303,10 @@ class Rule(NamedTuple):
     averages: names of its params-shaped fields; a burn-in step resets each to
       theta_t.
     advance: ``advance(weights, theta, state) -> dict`` of the fields an
-      update step changes (per leaf of theta, in the accumulator dtype).
+      update step changes (per leaf of theta, in the accumulator dtype). A
+      value may be a function of the fields already updated, in the dict's
+      order: XLA then reads what it wrote, rather than recompute it from the
+      old field while overwriting that field, which costs it a copy.
     reset_scalars: values of the scalar fields after a burn-in reset.
   """
   name: str
@@ -283,11 +335,11 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
   every_step = is_static(update_freq) and int(update_freq) == 1
 
   def init_fn(params):
-    average = copy_tree(params, accumulator_dtype)
-    fields = {name: (average if i == 0 else copy_tree(params, accumulator_dtype))
-              for i, name in enumerate(rule.averages)}
+    copy = lambda p: copy_tree(p, accumulator_dtype)
     if offload_to_host:
-      fields = to_host(fields)
+      # Leaf by leaf: the device never holds more than one extra leaf.
+      copy = lambda p: to_host(copy_tree(p, accumulator_dtype))
+    fields = {name: jax.tree.map(copy, params) for name in rule.averages}
     return rule.state_cls(count=jnp.zeros([], jnp.int32),
                           nonfinite_count=jnp.zeros([], jnp.int32),
                           **fields, **_scalars(rule.reset_scalars))
@@ -295,41 +347,89 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     require_params(params, rule.name)
+    if offload_to_host:
+      # A state that arrives on the device (e.g. restored from a checkpoint
+      # without memory kinds) goes to the host once; otherwise a no-op.
+      state = state._replace(**to_host(
+          {name: getattr(state, name) for name in rule.averages}))
     t = optax.safe_increment(state.count)
-    theta = iterate_tree(params, updates, accumulator_dtype)
     in_burn_in = t <= jnp.asarray(update_after, t.dtype)
     scheduled = in_burn_in | is_update_step(
         t, update_after=update_after, update_freq=update_freq)
 
-    def step(state):
+    # theta_t in the params' dtypes: the very array optax.apply_updates makes,
+    # so XLA computes it once. Branches take it, and cast inside: given
+    # `updates`, or a float32 copy of bfloat16 params, XLA would have to write
+    # that out on every step, update or not.
+    current = optax.apply_updates(params, updates)
+
+    def iterate_like(state):
+      # Laid out as the state, which may be sharded unlike the params.
+      return jax.tree.map(like_sharding,
+                          as_accumulator(current, accumulator_dtype),
+                          getattr(state, rule.averages[0]))
+
+    def step(state, burn_in: bool, due) -> dict:
+      """The fields a burn-in reset or an update changes, masked by ``due``."""
+      iterate = iterate_like(state)
+      on_host = state
       if offload_to_host:
+        # Unused transfers are dropped when jit lowers: only what the
+        # update reads crosses (not BEMA's theta_0 or last iterate).
         state = to_device(state)
-      finite = all_finite(theta)
+      finite = all_finite(iterate)
       weights = Weights(
           t=jnp.asarray(t, SCALAR_DTYPE),
           ema=power_law(t, lag=lag, multiplier=multiplier, power=ema_power,
                         floor=min_ema_multiplier),
           bias=power_law(t, lag=lag, multiplier=multiplier, power=bias_power))
-      advanced = rule.advance(weights, theta, state)
-      reset = dict(_scalars(rule.reset_scalars),
-                   **{name: theta for name in rule.averages})
-      take = scheduled & finite
-      new = {}
-      for name in reset.keys() | advanced.keys():
-        old = getattr(state, name)
-        value = optax.tree.where(in_burn_in, reset.get(name, old),
-                                 advanced.get(name, old))
-        new[name] = optax.tree.where(take, value, old)
+      if burn_in:
+        new = dict(_scalars(rule.reset_scalars),
+                   **{name: iterate for name in rule.averages})
+      else:
+        new = rule.advance(weights, iterate, state)
+      # Offloaded fields set to theta_t (BEMA's last iterate, any burn-in
+      # reset) are written, never read: their guard keeps the old values on
+      # the host, so they never cross to the device.
+      overwritten = [n for n, v in new.items() if offload_to_host
+                     and v is iterate]
+      updated = {}
+      for name, value in new.items():
+        if name not in overwritten:
+          updated[name] = optax.tree.where(
+              due & finite, value(updated) if callable(value) else value,
+              getattr(state, name))
+      if overwritten:
+        updated.update(jax.lax.cond(
+            due & finite, lambda: to_host({n: iterate for n in overwritten}),
+            lambda: {n: getattr(on_host, n) for n in overwritten}))
+      new = updated
       if offload_to_host:
-        new.update(to_host({name: new[name] for name in rule.averages}))
-      return state._replace(
-          nonfinite_count=state.nonfinite_count
-          + (scheduled & ~finite).astype(jnp.int32), **new)
+        new.update(to_host({name: new[name] for name in rule.averages
+                            if name in new}))
+      return dict(new, nonfinite_count=state.nonfinite_count
+                  + (due & ~finite).astype(jnp.int32))
 
+    def branch(state, burn_in: bool, due):
+      """``step`` where ``due``, else what it would change, unchanged.
+
+      The branch returns only what it may change: a field passed through
+      every branch unchanged (theta_0 on update steps), or a branch inside a
+      branch, makes XLA copy the field on every step.
+      """
+      changed = jax.eval_shape(lambda s: step(s, burn_in, due), state)
+      return state._replace(**jax.lax.cond(
+          due, lambda: step(state, burn_in, due),
+          lambda: {name: getattr(state, name) for name in changed}))
+
+    update = scheduled & ~in_burn_in
+    if not (is_static(update_after) and int(update_after) == 0):
+      state = branch(state, burn_in=True, due=in_burn_in)
     if every_step:
-      state = step(state)
+      # No branch: the update is one masked pass over what it changes.
+      state = state._replace(**step(state, burn_in=False, due=update))
     else:
-      state = jax.lax.cond(scheduled, step, lambda s: s, state)
+      state = branch(state, burn_in=False, due=update)
     return updates, state._replace(count=t)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -33,6 +33,10 @@ _SHARED_ARGS = """
     min_ema_multiplier: a floor on the EMA weight beta_t.
     accumulator_dtype: dtype of the averages; by default float32 for
       bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the parameter-sized state (theta_0, the averages)
+      in host memory (``memory_kind="pinned_host"``, shardings kept) and move
+      it to the accelerator only on update steps, as the BEMA paper does to
+      save accelerator memory. Steps between updates move nothing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -95,6 +99,7 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
         update_after: int = 0, update_freq: int = 400,
         min_ema_multiplier: float = 0.0,
         accumulator_dtype: Optional[jnp.dtype] = None,
+        offload_to_host: bool = False,
         ) -> optax.GradientTransformationExtraArgs:
   r"""Exponential moving average of the weights, with power-law weights.
 
@@ -114,7 +119,7 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
       _EMA, ema_power=ema_power, bias_power=0.0, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
 # --- BEMA ------------------------------------------------------------------
@@ -146,7 +151,7 @@ def _bema_readout(s, params):
   if anchor is None:
     anchor = jax.tree.map(
         lambda p, e: e if isinstance(e, optax.MaskedNode)
-        else jnp.asarray(p, e.dtype), params, s.ema)
+        else _core.like_sharding(jnp.asarray(p, e.dtype), e), params, s.ema)
   model = jax.tree.map(
       lambda x, x0, e: s.bias_weight.astype(e.dtype) * (x - x0) + e,
       anchor, s.initial_params, s.ema)
@@ -161,6 +166,7 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
          multiplier: float = 1.0, update_after: int = 0,
          update_freq: int = 400, min_ema_multiplier: float = 0.0,
          accumulator_dtype: Optional[jnp.dtype] = None,
+         offload_to_host: bool = False,
          ) -> optax.GradientTransformationExtraArgs:
   r"""Bias-corrected EMA: EMA's variance reduction without its lag.
 
@@ -190,7 +196,7 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
 # --- DEMA ------------------------------------------------------------------
@@ -205,8 +211,8 @@ class DemaState(NamedTuple):
 
 
 def _dema_advance(w, theta, s):
-  ema_ = _ema_tree(w.ema, s.ema, theta)
-  return {'ema': ema_, 'ema_of_ema': _ema_tree(w.ema, s.ema_of_ema, ema_)}
+  return {'ema': _ema_tree(w.ema, s.ema, theta),
+          'ema_of_ema': lambda new: _ema_tree(w.ema, s.ema_of_ema, new['ema'])}
 
 
 _DEMA = _core.Rule(name='dema', state_cls=DemaState,
@@ -222,6 +228,7 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
          update_after: int = 0, update_freq: int = 400,
          min_ema_multiplier: float = 0.0,
          accumulator_dtype: Optional[jnp.dtype] = None,
+         offload_to_host: bool = False,
          ) -> optax.GradientTransformationExtraArgs:
   r"""Double EMA: extrapolates an EMA and its EMA to cancel the lag.
 
@@ -241,7 +248,7 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
       _DEMA, ema_power=ema_power, bias_power=0.0, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
 # --- OUEMA -----------------------------------------------------------------
@@ -274,6 +281,7 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
           multiplier: float = 1.0, update_after: int = 0,
           update_freq: int = 400, min_ema_multiplier: float = 0.0,
           accumulator_dtype: Optional[jnp.dtype] = None,
+          offload_to_host: bool = False,
           ) -> optax.GradientTransformationExtraArgs:
   r"""Ornstein-Uhlenbeck EMA: averages iterates debiased toward theta_0.
 
@@ -307,4 +315,4 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
