@@ -27,7 +27,7 @@ import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +83,14 @@ class Run:
 
   ``readout(opt_state, params)`` is the model named ``name``; ``averages``
   are stabilizers fed the same trajectory, each returning a model too;
-  ``telemetry`` names scalar fields of the optimizer state to report.
+  ``telemetry(opt_state)`` gives the scalars to report, by name.
   """
   name: str
   tx: optax.GradientTransformation
   readout: Callable[[Any, Any], Any]
   averages: _common.Averages = dataclasses.field(
       default_factory=lambda: _common.Averages({}))
-  telemetry: tuple[str, ...] = ()
+  telemetry: Optional[Callable[[Any], dict]] = None
 
 
 def _live(state, params):
@@ -114,11 +114,12 @@ def runs(config) -> list[Run]:
     out.append(Run(name, optax.chain(clip, optax_bema.pace(
         LEARNING_RATE, weight_decay=WEIGHT_DECAY,
         **dict(PACE, pullback=c))), optax_bema.averaged_params,
-                   telemetry=('mean_gain', 'clipped_fraction')))
+                   telemetry=lambda s: optax_bema.pace_telemetry(s)._asdict()))
   # adaptive_ademamix clips inside (its clip_norm), before measuring noise.
   out.append(Run('adaptive_ademamix', optax_bema.adaptive_ademamix(
       LEARNING_RATE, alpha=ADEMAMIX_ALPHA, weight_decay=WEIGHT_DECAY,
-      clip_norm=CLIP_NORM), _live, telemetry=('noise_fraction', 'alpha')))
+      clip_norm=CLIP_NORM), _live, telemetry=lambda s: {
+          k: optax.tree.get(s, k) for k in ('noise_fraction', 'alpha')}))
   out.append(Run('ademamix', optax.chain(clip, optax.contrib.ademamix(
       LEARNING_RATE, alpha=ADEMAMIX_ALPHA, weight_decay=WEIGHT_DECAY)), _live))
   return out
@@ -162,7 +163,8 @@ def trainer(run: Run, model, eval_set, eval_every):
       if t % eval_every == 0 or t == len(batches):
         for k, v in evaluate(params, state, average_states).items():
           curves.setdefault(k, []).append([t, float(v)])
-    return curves, {k: float(optax.tree.get(state, k)) for k in run.telemetry}
+    telemetry = run.telemetry(state) if run.telemetry else {}
+    return curves, {k: float(v) for k, v in telemetry.items()}
   return train
 
 

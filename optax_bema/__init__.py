@@ -9,7 +9,9 @@ from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._core import averaged_params
 from optax_bema._pace import PaceState
+from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
+from optax_bema._pace import pace_telemetry
 from optax_bema._stabilizers import BemaState
 from optax_bema._stabilizers import DemaState
 from optax_bema._stabilizers import EmaState
@@ -28,6 +30,7 @@ __all__ = [
     'EmaState',
     'OuemaState',
     'PaceState',
+    'PaceTelemetry',
     'adaptive_ademamix',
     'averaged_params',
     'bema',
@@ -35,4 +38,5 @@ __all__ = [
     'ema',
     'ouema',
     'pace',
+    'pace_telemetry',
 ]

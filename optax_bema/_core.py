@@ -229,10 +229,25 @@ def cast_like_params(model, params):
   return jax.tree.map(cast, params, model)
 
 
-def _find_states(opt_state):
-  is_ours = lambda x: type(x) in _READOUTS  # pylint: disable=unidiomatic-typecheck
-  found, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_ours)
-  return [(path, x) for path, x in found if is_ours(x)]
+def find_state(opt_state, types, *, caller: str, what: str, missing: str):
+  """The one state of a class in ``types`` anywhere inside ``opt_state``.
+
+  Raises ``ValueError`` when there is none (``missing`` says what to do) or
+  several (the message names their paths and how to pass one).
+  """
+  is_ours = lambda x: type(x) in types  # pylint: disable=unidiomatic-typecheck
+  leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_ours)
+  found = [(path, x) for path, x in leaves if is_ours(x)]
+  if len(found) == 1:
+    return found[0][1]
+  if not found:
+    raise ValueError(f'{caller}: opt_state holds no {what}. {missing}')
+  where = ', '.join(f'opt_state{jax.tree_util.keystr(path)} '
+                    f'({type(s).__name__})' for path, s in found)
+  first = jax.tree_util.keystr(found[0][0])
+  raise ValueError(
+      f'{caller}: opt_state holds {len(found)} {what}s: {where}. Pass the '
+      f'one to read, e.g. {caller}(opt_state{first}, ...).')
 
 
 def averaged_params(opt_state, params):
@@ -264,22 +279,12 @@ def averaged_params(opt_state, params):
     >>> optax_bema.averaged_params(state, params).shape
     (3,)
   """
-  found = _find_states(opt_state)
-  if len(found) == 1:
-    state = to_device(found[0][1])  # an offloaded state is read on device
-    return _READOUTS[type(state)](state, params)
-  if not found:
-    raise ValueError(
-        'averaged_params: opt_state holds no averaging state. Put a '
-        'stabilizer last in the chain, e.g. optax.chain(optax.adamw(lr), '
-        'optax_bema.bema()), or use optax_bema.pace(...).')
-  where = ', '.join(f'opt_state{jax.tree_util.keystr(path)} '
-                    f'({type(s).__name__})' for path, s in found)
-  first = jax.tree_util.keystr(found[0][0])
-  raise ValueError(
-      f'averaged_params: opt_state holds {len(found)} averaging states: '
-      f'{where}. Pass the one to read, e.g. '
-      f'averaged_params(opt_state{first}, params).')
+  state = find_state(
+      opt_state, _READOUTS, caller='averaged_params', what='averaging state',
+      missing='Put a stabilizer last in the chain, e.g. optax.chain('
+      'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).')
+  state = to_device(state)  # an offloaded state is read on device
+  return _READOUTS[type(state)](state, params)
 
 
 # --- the shared transform --------------------------------------------------

@@ -28,18 +28,64 @@ _RIGHT_SPELLING = (
     'optax_bema.pace(1e-3, pullback=0.15, ema_power=0.2)).')
 
 
-class PaceState(NamedTuple):
-  """State of :func:`pace`: three parameter-sized copies and telemetry.
+class PaceGain(NamedTuple):
+  """The scalars of the last step's gain lam = strength / (sqrt(nu / c) + eps).
 
-  ``clipped_fraction`` and ``mean_gain`` describe the last step.
+  Kept so :func:`pace_telemetry` can rebuild the gain from ``nu`` on demand:
+  reducing it inside the step would write parameter-sized temporaries on
+  every step, several times the cost of the step itself on CPU.
   """
+  strength: jax.Array       # lr_t * pullback * decay_t, float32
+  nu_correction: jax.Array  # 1 - b2 ** t, Adam's bias correction of nu
+  eps: jax.Array
+  cap: jax.Array            # 1 with clip_pullback, else inf
+
+
+class PaceState(NamedTuple):
+  """State of :func:`pace`: three parameter-sized copies and scalars."""
   count: jax.Array             # steps taken, int32, saturating
   mu: optax.Updates            # Adam's first moment
   nu: optax.Updates            # Adam's second moment
   ema: optax.Params            # the model PACE returns
   last_ema_step: jax.Array     # the step of the last EMA update, int32
-  clipped_fraction: jax.Array  # share of coordinates whose gain hit 1
-  mean_gain: jax.Array         # mean per-coordinate gain lam
+  gain: PaceGain               # what pace_telemetry needs of the last step
+
+
+class PaceTelemetry(NamedTuple):
+  """The paper's telemetry of PACE's last step."""
+  clipped_fraction: jax.Array  # share of coordinates whose gain reached 1
+  mean_gain: jax.Array         # mean per-coordinate gain lam (after clipping)
+
+
+def pace_telemetry(opt_state) -> PaceTelemetry:
+  """The share of clipped coordinates and the mean gain at PACE's last step.
+
+  Computed from the state when asked (one pass over Adam's ``nu``), so the
+  training step pays nothing for it; jit it with the step or log it every
+  few hundred steps. ``opt_state`` may be any state holding one
+  :class:`PaceState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_bema
+    >>> tx = optax_bema.pace(1.0, pullback=1.0, ema_power=0.0)
+    >>> params = jnp.zeros(2)
+    >>> _, state = tx.update(jnp.array([4.0, 0.5]), tx.init(params), params)
+    >>> float(optax_bema.pace_telemetry(state).clipped_fraction)
+    0.5
+  """
+  state = _core.find_state(
+      opt_state, (PaceState,), caller='pace_telemetry', what='PaceState',
+      missing='Train with optax_bema.pace(...).')
+  g = state.gain
+  raw_gain = jax.tree.map(
+      lambda v: g.strength / (jnp.sqrt(v.astype(_core.SCALAR_DTYPE)
+                                       / g.nu_correction) + g.eps),
+      state.nu)
+  return PaceTelemetry(
+      clipped_fraction=_mean_over_coordinates(
+          jax.tree.map(lambda lam: lam >= 1, raw_gain)),
+      mean_gain=_mean_over_coordinates(
+          jax.tree.map(lambda lam: jnp.minimum(lam, g.cap), raw_gain)))
 
 
 _core.register_readout(
@@ -90,10 +136,10 @@ def pace(
   return is the EMA: ``optax_bema.averaged_params(opt_state, params)``.
 
   The gain :math:`\ell` is largest on coordinates with a small gradient
-  scale :math:`D`, those Adam moves furthest per unit of gradient. The state
-  records, without a host sync, the share of coordinates where it reached 1
-  (``clipped_fraction``, the paper's main telemetry) and its mean
-  (``mean_gain``).
+  scale :math:`D`, those Adam moves furthest per unit of gradient.
+  :func:`pace_telemetry` reads from the state the share of coordinates where
+  it reached 1 (the paper's main telemetry) and its mean; the step itself
+  pays nothing for them.
 
   PACE must receive the raw gradient: ``optax.chain(optax.adamw(lr),
   optax_bema.pace(lr, ...))`` would run Adam twice. That spelling fails at
@@ -149,7 +195,7 @@ def pace(
     ...   updates, state = jax.jit(tx.update)(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> model = optax_bema.averaged_params(state, params)
-    >>> model['w'].shape, float(state[1].clipped_fraction)
+    >>> model['w'].shape, float(optax_bema.pace_telemetry(state).clipped_fraction)
     ((3,), 0.0)
 
   References:
@@ -172,6 +218,7 @@ def pace(
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   decay = optax.add_decayed_weights(weight_decay, mask)
   every_step = _core.is_static(update_freq) and int(update_freq) == 1
+  cap = 1.0 if clip_pullback else float('inf')
 
   def init_fn(params):
     def zeros(p):
@@ -182,8 +229,8 @@ def pace(
         mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
         ema=_core.copy_tree(params, accumulator_dtype),
         last_ema_step=jnp.zeros([], jnp.int32),
-        clipped_fraction=jnp.zeros([], _core.SCALAR_DTYPE),
-        mean_gain=jnp.zeros([], _core.SCALAR_DTYPE))
+        gain=PaceGain(*(jnp.asarray(v, _core.SCALAR_DTYPE)
+                        for v in (0.0, 1.0, eps, cap))))
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
@@ -205,10 +252,9 @@ def pace(
     # In float32 whether or not inject_hyperparams made lr an array.
     strength = (jnp.asarray(lr, _core.SCALAR_DTYPE)
                 * jnp.asarray(pullback, _core.SCALAR_DTYPE) * beta)
-    raw_gain = jax.tree.map(
-        lambda s: strength.astype(s.dtype) / (s + eps), scale)
     gain = jax.tree.map(
-        lambda g: jnp.where(clip_pullback, jnp.minimum(g, 1), g), raw_gain)
+        lambda s: jnp.minimum(strength.astype(s.dtype) / (s + eps), cap),
+        scale)
 
     def pulled(p, u, lam, e):
       return (u + lam * (e - p.astype(e.dtype))).astype(p.dtype)
@@ -226,9 +272,9 @@ def pace(
     return updates, PaceState(
         count=t, mu=adam_state.mu, nu=adam_state.nu, ema=ema,
         last_ema_step=last_ema_step,
-        clipped_fraction=_mean_over_coordinates(
-            jax.tree.map(lambda g: g >= 1, raw_gain)),
-        mean_gain=_mean_over_coordinates(gain))
+        gain=PaceGain(*(jnp.asarray(v, _core.SCALAR_DTYPE) for v in (
+            strength, 1 - jnp.asarray(b2, _core.SCALAR_DTYPE) ** t, eps,
+            cap))))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

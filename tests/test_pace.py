@@ -113,7 +113,8 @@ def test_matches_the_spec_loop(case, scale, kwargs, clipped_range):
                            jnp.asarray(THETA0, jnp.float32))
   np.testing.assert_allclose(theta, want_theta, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(ema, want_ema, rtol=2e-5, atol=2e-5)
-  clipped = np.array([float(s.clipped_fraction) for s in states])
+  clipped = np.array([float(optax_bema.pace_telemetry(s).clipped_fraction)
+                      for s in states])
   np.testing.assert_allclose(clipped, want_clipped, atol=1.5 / N)
   low, high = clipped_range
   assert low <= clipped[-1] <= high
@@ -146,7 +147,7 @@ def test_pullback_is_exactly_zero_at_step_one():
   adamw = optax.adamw(1e-2, weight_decay=0.01)
   want, _ = adamw.update(grads, adamw.init(params), params)
   np.testing.assert_array_equal(updates, want)
-  assert float(state.mean_gain) > 1.0  # the gain was large; ema - theta was 0
+  assert float(optax_bema.pace_telemetry(state).mean_gain) > 1.0  # the gain was large; ema - theta was 0
 
 
 @pytest.mark.parametrize('schedule', [False, True])
@@ -168,7 +169,7 @@ def test_zero_pullback_is_adamw_exactly(schedule):
     updates, adamw_state = adamw_update(grad(want), adamw_state, want)
     want = optax.apply_updates(want, updates)
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  assert float(state.mean_gain) == 0.0
+  assert float(optax_bema.pace_telemetry(state).mean_gain) == 0.0
   ema = optax_bema.averaged_params(state, got)  # the paper's "EMA" baseline
   assert not np.allclose(ema['w'], got['w'])
 
@@ -244,11 +245,12 @@ def test_telemetry_is_a_device_scalar():
   params = jnp.zeros(4)
   _, state = jax.jit(tx.update)(jnp.array([4.0, -2.0, 1e-9, 0.0]),
                                 tx.init(params), params)
-  assert isinstance(state.clipped_fraction, jax.Array)
-  assert state.clipped_fraction.shape == ()
+  telemetry = jax.jit(optax_bema.pace_telemetry)(state)
+  assert isinstance(telemetry.clipped_fraction, jax.Array)
+  assert telemetry.clipped_fraction.shape == ()
   # Step 1: D = |g| + eps and the gain is lr * pullback / D = 1 / D.
-  assert float(state.clipped_fraction) == 0.5
-  np.testing.assert_allclose(float(state.mean_gain),
+  assert float(telemetry.clipped_fraction) == 0.5
+  np.testing.assert_allclose(float(telemetry.mean_gain),
                              (0.25 + 0.5 + 1 + 1) / 4, rtol=1e-5)
 
 
@@ -322,3 +324,16 @@ class TestStabilizerSpelling:
     updates, _ = jax.jit(tx.update)({'w': jnp.ones(3), 'b': jnp.ones(())},
                                     state, params)
     assert updates['w'].shape == (3,)
+
+
+def test_telemetry_without_clipping_and_without_pace():
+  tx = optax_bema.pace(1.0, pullback=1.0, ema_power=0.0, clip_pullback=False)
+  params = jnp.zeros(2)
+  _, state = tx.update(jnp.array([4.0, 0.5]), tx.init(params), params)
+  telemetry = optax_bema.pace_telemetry(state)
+  # D = |g| + eps at step 1: the unclipped gains are 1/4 and 2.
+  assert float(telemetry.clipped_fraction) == 0.5
+  np.testing.assert_allclose(float(telemetry.mean_gain), (0.25 + 2) / 2,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match='no PaceState'):
+    optax_bema.pace_telemetry(optax.adamw(1e-3).init(params))
