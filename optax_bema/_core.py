@@ -16,6 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_bema._placement import like_sharding
+from optax_bema._placement import to_device
+from optax_bema._placement import to_host
+
 # Scalars are computed in this precision; only the product meets the leaf dtype.
 SCALAR_DTYPE = jnp.float32
 
@@ -60,48 +64,6 @@ def as_accumulator(tree, accumulator_dtype):
       return optax.MaskedNode()
     return x.astype(accumulator_dtype_for(x, accumulator_dtype))
   return jax.tree.map(cast, tree)
-
-
-def in_host_memory(x) -> bool:
-  return getattr(jax.typeof(x), 'memory_space', None) == jax.memory.Space.Host
-
-
-def to_host(tree):
-  """Moves the arrays of ``tree`` to host memory (``pinned_host``).
-
-  Shardings are kept; only the memory kind changes. Works on concrete arrays
-  and inside ``jit`` alike; arrays already there are left alone.
-  """
-  return jax.tree.map(
-      lambda x: x if in_host_memory(x)
-      else jax.device_put(x, jax.memory.Space.Host), tree)
-
-
-def to_device(tree):
-  """Moves the arrays of ``tree`` that live in host memory to the device."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, jax.memory.Space.Device)
-      if in_host_memory(x) else x, tree)
-
-
-def like_sharding(x, ref):
-  """``x`` laid out as ``ref``, where the two are sharded differently.
-
-  This lets a state be sharded unlike its params (ZeRO-style: the averages
-  split over the data axis too). Explicit mesh axes make such a mismatch a
-  type error, so ``x`` is resharded; concrete arrays are moved; inside
-  ``jit`` under automatic axes XLA places ``x`` (``out_shardings`` decide).
-  """
-  if isinstance(x, jax.core.Tracer) or isinstance(ref, jax.core.Tracer):
-    want = jax.typeof(ref).sharding
-    if (jax.sharding.AxisType.Explicit in want.mesh.axis_types
-        and want.spec != jax.typeof(x).sharding.spec):
-      return jax.sharding.reshard(x, want)
-    return x
-  if (isinstance(ref.sharding, jax.sharding.NamedSharding)
-      and x.sharding != ref.sharding):
-    return jax.device_put(x, ref.sharding)
-  return x
 
 
 def all_finite(tree) -> jax.Array:

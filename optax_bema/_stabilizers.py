@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_bema import _core
+from optax_bema import _placement
 
 _REFERENCES = """
   References:
@@ -151,7 +152,7 @@ def _bema_readout(s, params):
   if anchor is None:
     anchor = jax.tree.map(
         lambda p, e: e if isinstance(e, optax.MaskedNode)
-        else _core.like_sharding(jnp.asarray(p, e.dtype), e), params, s.ema)
+        else _placement.like_sharding(jnp.asarray(p, e.dtype), e), params, s.ema)
   model = jax.tree.map(
       lambda x, x0, e: s.bias_weight.astype(e.dtype) * (x - x0) + e,
       anchor, s.initial_params, s.ema)
