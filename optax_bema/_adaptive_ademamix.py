@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from optax import contrib
 
+from optax_bema import _checks
 from optax_bema import _core
 
 
@@ -145,12 +146,10 @@ def _scale_by_adaptive_ademamix(b1, b2, b3, alpha, eps, variance_decay,
                                      eps=eps, mu_dtype=mu_dtype)
 
   def init_fn(params):
-    def zeros(p):
-      return jnp.zeros_like(p, dtype=_core.accumulator_dtype_for(p, None))
     return AdaptiveAdemamixState(
         ademamix=ademamix(alpha).init(params),
-        grad_mean=jax.tree.map(zeros, params),
-        grad_variance=jax.tree.map(zeros, params),
+        grad_mean=_core.zeros_tree(params, None),
+        grad_variance=_core.zeros_tree(params, None),
         noise_fraction=jnp.zeros([], _core.SCALAR_DTYPE),
         alpha=jnp.zeros([], _core.SCALAR_DTYPE))
 
@@ -168,8 +167,8 @@ def _scale_by_adaptive_ademamix(b1, b2, b3, alpha, eps, variance_decay,
         lambda v, d: jnp.where(first, 0, rho.astype(v.dtype)
                                * (v + (1 - rho.astype(v.dtype)) * d**2)),
         state.grad_variance, delta)
-    noise = _total(variance)
-    noise_fraction = noise / (noise + _total(jax.tree.map(jnp.square, mean))
+    noise = _core.tree_sum(variance)
+    noise_fraction = noise / (noise + _core.tree_sum(jax.tree.map(jnp.square, mean))
                               + jnp.finfo(_core.SCALAR_DTYPE).tiny)
     base = alpha(state.ademamix.count_m2) if callable(alpha) else alpha
     alpha_t = jnp.asarray(base, _core.SCALAR_DTYPE) * (1 + noise_fraction)
@@ -182,14 +181,8 @@ def _scale_by_adaptive_ademamix(b1, b2, b3, alpha, eps, variance_decay,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _total(tree) -> jax.Array:
-  return sum((jnp.sum(x, dtype=_core.SCALAR_DTYPE)
-              for x in jax.tree.leaves(tree)),
-             jnp.zeros([], _core.SCALAR_DTYPE))
-
-
 def _check(ok, name, value, must):
   """Checks a float hyperparameter; schedules are checked by their values."""
   if not callable(value):
-    _core.check(ok, value,
+    _checks.check(ok, value,
                 f'adaptive_ademamix: {name} must {must}, got {value}.')

@@ -8,14 +8,13 @@ Each stabilizer in ``_stabilizers.py`` contributes only its update rule.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from optax_bema import _checks
 from optax_bema._placement import like_sharding
 from optax_bema._placement import to_device
 from optax_bema._placement import to_host
@@ -49,6 +48,27 @@ def copy_tree(params, accumulator_dtype):
     return jnp.array(p, dtype=accumulator_dtype_for(p, accumulator_dtype),
                      copy=True)
   return jax.tree.map(copy, params)
+
+
+def zeros_tree(params, accumulator_dtype):
+  """Params-shaped zeros in the accumulator dtype (optimizer moments)."""
+  return jax.tree.map(
+      lambda p: jnp.zeros_like(p, accumulator_dtype_for(p, accumulator_dtype)),
+      params)
+
+
+def ema_tree(beta, average, x):
+  """(1 - beta) average + beta x per leaf, beta cast only at the end."""
+  def step(a, v):
+    b = beta.astype(a.dtype)
+    return (1 - b) * a + b * v
+  return jax.tree.map(step, average, x)
+
+
+def tree_sum(tree) -> jax.Array:
+  """The sum of every element of every leaf, accumulated in float32."""
+  return sum((jnp.sum(x, dtype=SCALAR_DTYPE) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], SCALAR_DTYPE))
 
 
 def iterate_tree(params, updates, accumulator_dtype):
@@ -98,61 +118,6 @@ def require_params(params, name: str):
     raise ValueError(
         f'{name}: update needs `params`, the current weights, to track '
         'theta_t = params + updates. Call tx.update(updates, state, params).')
-
-
-# --- hyperparameters -------------------------------------------------------
-
-
-def is_static(x) -> bool:
-  """A Python or NumPy number, as opposed to an (injected, traced) array."""
-  return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
-
-
-def check(ok: Callable[[float], bool], value, message: str):
-  """Raises ``ValueError(message)`` when a concrete ``value`` fails ``ok``.
-
-  Values that ``optax.inject_hyperparams`` turns into traced arrays cannot be
-  checked; their construction-time values were.
-  """
-  if isinstance(value, jax.core.Tracer):
-    return
-  if not ok(float(np.asarray(value))):
-    raise ValueError(message)
-
-
-def check_power_law(name, *, power, lag, multiplier, floor=None,
-                    power_name='ema_power'):
-  """The power-law weight must exist, and be at most 1, at every step t >= 1."""
-  check(lambda v: v >= 0, power,
-        f'{name}: {power_name} must be >= 0, got {power}.')
-  check(lambda v: v >= 0, multiplier,
-        f'{name}: multiplier must be >= 0 (the weights are '
-        f'(lag + multiplier * t) ** -power), got {multiplier}.')
-  if is_static(lag) and is_static(multiplier):
-    check(lambda v: v > 0, float(lag) + float(multiplier),
-          f'{name}: lag + multiplier must be > 0 so that the weight at step 1, '
-          f'(lag + multiplier) ** -{power_name}, is defined; got lag={lag}, '
-          f'multiplier={multiplier}.')
-  if all(is_static(v) for v in (lag, multiplier, power)):
-    first = (float(lag) + float(multiplier)) ** (-float(power))
-    check(lambda v: v <= 1.0 + 1e-6, first,
-          f'{name}: the weight at step 1, (lag + multiplier) ** -{power_name}'
-          f' = {first:.4g}, exceeds 1, so the average would extrapolate '
-          'rather than average; raise lag.')
-  if floor is not None:
-    check(lambda v: 0.0 <= v <= 1.0, floor,
-          f'{name}: min_ema_multiplier must lie in [0, 1], got {floor}.')
-
-
-def check_schedule(name, *, update_after, update_freq):
-  check(lambda v: v >= 0, update_after,
-        f'{name}: update_after must be >= 0, got {update_after}.')
-  check(lambda v: v >= 1, update_freq,
-        f'{name}: update_freq must be >= 1, got {update_freq}.')
-  for arg, value in (('update_after', update_after),
-                     ('update_freq', update_freq)):
-    check(lambda v: v == int(v), value,
-          f'{name}: {arg} must be an integer, got {value}.')
 
 
 def power_law(t, *, lag, multiplier, power, floor=None) -> jax.Array:
@@ -293,13 +258,14 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
   in host memory and cross to the device only inside the update-step branch,
   as the BEMA paper does: steps between updates move nothing.
   """
-  check_power_law(rule.name, power=ema_power, lag=lag, multiplier=multiplier,
-                  floor=min_ema_multiplier)
-  check(lambda v: v >= 0, bias_power,
-        f'{rule.name}: bias_power must be >= 0, got {bias_power}.')
-  check_schedule(rule.name, update_after=update_after, update_freq=update_freq)
+  _checks.check_power_law(rule.name, power=ema_power, lag=lag,
+                          multiplier=multiplier, floor=min_ema_multiplier)
+  _checks.check(lambda v: v >= 0, bias_power,
+                f'{rule.name}: bias_power must be >= 0, got {bias_power}.')
+  _checks.check_schedule(rule.name, update_after=update_after,
+                         update_freq=update_freq)
   # An update every step needs no branch: one fused pass over the state.
-  every_step = is_static(update_freq) and int(update_freq) == 1
+  every_step = _checks.is_static(update_freq) and int(update_freq) == 1
 
   def init_fn(params):
     copy = lambda p: copy_tree(p, accumulator_dtype)
@@ -390,7 +356,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
           lambda: {name: getattr(state, name) for name in changed}))
 
     update = scheduled & ~in_burn_in
-    if not (is_static(update_after) and int(update_after) == 0):
+    if not (_checks.is_static(update_after) and int(update_after) == 0):
       state = branch(state, burn_in=True, due=in_burn_in)
     if every_step:
       # No branch: the update is one masked pass over what it changes.

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_bema import _checks
 from optax_bema import _core
 
 # The EMA weight never falls below this, however long training runs (SPEC 3).
@@ -217,16 +218,14 @@ def pace(
   # optax.adamw's own pieces, in its order: pullback=0 reproduces it exactly.
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   decay = optax.add_decayed_weights(weight_decay, mask)
-  every_step = _core.is_static(update_freq) and int(update_freq) == 1
+  every_step = _checks.is_static(update_freq) and int(update_freq) == 1
   cap = 1.0 if clip_pullback else float('inf')
 
   def init_fn(params):
-    def zeros(p):
-      return jnp.zeros_like(
-          p, dtype=_core.accumulator_dtype_for(p, accumulator_dtype))
     return PaceState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params),
+        mu=_core.zeros_tree(params, accumulator_dtype),
+        nu=_core.zeros_tree(params, accumulator_dtype),
         ema=_core.copy_tree(params, accumulator_dtype),
         last_ema_step=jnp.zeros([], jnp.int32),
         gain=PaceGain(*(jnp.asarray(v, _core.SCALAR_DTYPE)
@@ -261,9 +260,7 @@ def pace(
     updates = jax.tree.map(pulled, params, step, gain, state.ema)
 
     theta = _core.iterate_tree(params, updates, accumulator_dtype)
-    ema = jax.tree.map(
-        lambda e, x: (1 - beta.astype(e.dtype)) * e + beta.astype(e.dtype) * x,
-        state.ema, theta)
+    ema = _core.ema_tree(beta, state.ema, theta)
     last_ema_step = t
     if not every_step:
       due = (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0
@@ -283,26 +280,23 @@ def _check_hyperparameters(*, learning_rate, b1, b2, eps, weight_decay,
                            pullback, ema_power, delay, multiplier,
                            update_freq):
   if not callable(learning_rate):
-    _core.check(lambda v: v >= 0, learning_rate,
+    _checks.check(lambda v: v >= 0, learning_rate,
                 f'pace: learning_rate must be >= 0, got {learning_rate}.')
   for name, value in (('b1', b1), ('b2', b2)):
-    _core.check(lambda v: 0 <= v < 1, value,
+    _checks.check(lambda v: 0 <= v < 1, value,
                 f'pace: {name} must lie in [0, 1), got {value}.')
   for name, value in (('eps', eps), ('weight_decay', weight_decay),
                       ('pullback', pullback), ('delay', delay)):
-    _core.check(lambda v: v >= 0, value,
+    _checks.check(lambda v: v >= 0, value,
                 f'pace: {name} must be >= 0, got {value}.')
-  _core.check_power_law('pace', power=ema_power, lag=1.0,
+  _checks.check_power_law('pace', power=ema_power, lag=1.0,
                         multiplier=multiplier)
-  _core.check_schedule('pace', update_after=0, update_freq=update_freq)
+  _checks.check_schedule('pace', update_after=0, update_freq=update_freq)
 
 
 def _mean_over_coordinates(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  total = sum(x.size for x in leaves)
-  if not total:
-    return jnp.zeros([], _core.SCALAR_DTYPE)
-  return sum(jnp.sum(x, dtype=_core.SCALAR_DTYPE) for x in leaves) / total
+  return _core.tree_sum(tree) / max(1, sum(x.size for x in
+                                           jax.tree.leaves(tree)))
 
 
 # --- the guard against optax.chain(optax.adamw(lr), optax_bema.pace(...)) ---

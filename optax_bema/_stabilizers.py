@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_bema import _checks
 from optax_bema import _core
 from optax_bema import _placement
 
@@ -68,16 +69,6 @@ def _document(fn):
   return fn
 
 
-def _ema_step(beta, average, x):
-  """(1 - beta) average + beta x, with beta cast only at the end."""
-  beta = beta.astype(average.dtype)
-  return (1 - beta) * average + beta * x
-
-
-def _ema_tree(beta, average, x):
-  return jax.tree.map(lambda a, v: _ema_step(beta, a, v), average, x)
-
-
 # --- EMA -------------------------------------------------------------------
 
 
@@ -90,7 +81,7 @@ class EmaState(NamedTuple):
 
 _EMA = _core.Rule(
     name='ema', state_cls=EmaState, averages=('ema',), reset_scalars={},
-    advance=lambda w, theta, s: {'ema': _ema_tree(w.ema, s.ema, theta)})
+    advance=lambda w, theta, s: {'ema': _core.ema_tree(w.ema, s.ema, theta)})
 _core.register_readout(
     EmaState, lambda s, params: _core.cast_like_params(s.ema, params))
 
@@ -141,7 +132,7 @@ class BemaState(NamedTuple):
 
 
 def _bema_advance(w, theta, s):
-  new = {'ema': _ema_tree(w.ema, s.ema, theta), 'bias_weight': w.bias}
+  new = {'ema': _core.ema_tree(w.ema, s.ema, theta), 'bias_weight': w.bias}
   if s.last_iterate is not None:
     new['last_iterate'] = theta
   return new
@@ -190,7 +181,7 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
   rule = _core.Rule(
       name='bema', state_cls=BemaState, advance=_bema_advance,
       reset_scalars={'bias_weight': 0.0},
-      averages=(('initial_params', 'ema') if _core.is_static(update_freq)
+      averages=(('initial_params', 'ema') if _checks.is_static(update_freq)
                 and int(update_freq) == 1
                 else ('initial_params', 'ema', 'last_iterate')))
   return _core.stabilizer(
@@ -212,8 +203,8 @@ class DemaState(NamedTuple):
 
 
 def _dema_advance(w, theta, s):
-  return {'ema': _ema_tree(w.ema, s.ema, theta),
-          'ema_of_ema': lambda new: _ema_tree(w.ema, s.ema_of_ema, new['ema'])}
+  return {'ema': _core.ema_tree(w.ema, s.ema, theta),
+          'ema_of_ema': lambda new: _core.ema_tree(w.ema, s.ema_of_ema, new['ema'])}
 
 
 _DEMA = _core.Rule(name='dema', state_cls=DemaState,
@@ -270,7 +261,7 @@ def _ouema_advance(w, theta, s, *, multiplier, bias_power):
     p_ = p.astype(x.dtype)
     return (x - p_ * x0) / (1 - p_)
   x = jax.tree.map(debiased, theta, s.initial_params)
-  return {'ema': _ema_tree(w.ema, s.ema, x)}
+  return {'ema': _core.ema_tree(w.ema, s.ema, x)}
 
 
 _core.register_readout(
@@ -301,10 +292,10 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     bias_power: eta, the power of p_t; must be > 0, and ``multiplier`` > 0,
       so that p_t < 1.
   """
-  _core.check(lambda v: v > 0, bias_power,
+  _checks.check(lambda v: v > 0, bias_power,
               f'ouema: bias_power must be > 0 (p_t = (1 + multiplier t) ** '
               f'-bias_power must stay below 1), got {bias_power}.')
-  _core.check(lambda v: v > 0, multiplier,
+  _checks.check(lambda v: v > 0, multiplier,
               f'ouema: multiplier must be > 0 (p_t = (1 + multiplier t) ** '
               f'-bias_power must stay below 1), got {multiplier}.')
   rule = _core.Rule(
