@@ -1,11 +1,13 @@
-"""Hyperparameter validation: a clear ValueError at construction.
+"""Hyperparameter validation: one helper, a clear ValueError at construction.
 
 Values that ``optax.inject_hyperparams`` turns into traced arrays cannot be
-checked inside the step; their construction-time values were.
+checked inside the step; their construction-time values were. Schedules
+(callables) are checked by the optimizer that calls them, not here.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable
 
@@ -13,54 +15,68 @@ import jax
 import numpy as np
 
 
+# Conditions met by most hyperparameters: (ok, what it demands in words).
+NONNEGATIVE = (lambda v: v >= 0, 'be >= 0')
+DECAY = (lambda v: 0 <= v < 1, 'lie in [0, 1)')
+
 
 def is_static(x) -> bool:
   """A Python or NumPy number, as opposed to an (injected, traced) array."""
   return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
 
 
-def check(ok: Callable[[float], bool], value, message: str):
-  """Raises ``ValueError(message)`` when a concrete ``value`` fails ``ok``.
+def check(transform: str, name: str, value, ok: Callable[[float], bool],
+          must: str, *, allow_inf: bool = False):
+  """Raises ``ValueError`` unless ``value`` is a number for which ``ok`` holds.
 
-  Values that ``optax.inject_hyperparams`` turns into traced arrays cannot be
-  checked; their construction-time values were.
+  NaN is always refused, and so is an infinity unless ``allow_inf``: a
+  comparison such as ``v >= 0`` would let ``inf`` through, and an infinite
+  weight or rate turns every average into NaN at the first update.
+
+  Args:
+    transform: the public name, which starts the message.
+    name: the argument's name.
+    value: its value; traced values and schedules are skipped.
+    ok: the condition on the value, as a float.
+    must: what ``ok`` demands, in words, e.g. ``'be >= 0'``.
+    allow_inf: whether an infinity that satisfies ``ok`` is meaningful.
   """
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, jax.core.Tracer) or callable(value):
     return
-  if not ok(float(np.asarray(value))):
-    raise ValueError(message)
+  v = float(np.asarray(value))
+  if math.isnan(v) or (math.isinf(v) and not allow_inf):
+    raise ValueError(f'{transform}: {name} must be a finite number and '
+                     f'{must}, got {value}.')
+  if not ok(v):
+    raise ValueError(f'{transform}: {name} must {must}, got {value}.')
 
 
-def check_power_law(name, *, power, lag, multiplier, floor=None,
+def check_power_law(transform, *, power, lag, multiplier, floor=None,
                     power_name='ema_power'):
-  """The power-law weight must exist, and be at most 1, at every step t >= 1."""
-  check(lambda v: v >= 0, power,
-        f'{name}: {power_name} must be >= 0, got {power}.')
-  check(lambda v: v >= 0, multiplier,
-        f'{name}: multiplier must be >= 0 (the weights are '
-        f'(lag + multiplier * t) ** -power), got {multiplier}.')
+  """The weight (lag + multiplier t) ** -power exists and is at most 1 at
+  every step t >= 1, so that it averages rather than extrapolates."""
+  check(transform, power_name, power, *NONNEGATIVE)
+  check(transform, 'multiplier', multiplier, lambda v: v >= 0,
+        'be >= 0 (the weights are (lag + multiplier * t) ** -power)')
+  check(transform, 'lag', lag, lambda v: True, 'be finite')
   if is_static(lag) and is_static(multiplier):
-    check(lambda v: v > 0, float(lag) + float(multiplier),
-          f'{name}: lag + multiplier must be > 0 so that the weight at step 1, '
-          f'(lag + multiplier) ** -{power_name}, is defined; got lag={lag}, '
-          f'multiplier={multiplier}.')
+    check(transform, 'lag + multiplier', float(lag) + float(multiplier),
+          lambda v: v > 0, f'be > 0 so that the weight at step 1, '
+          f'(lag + multiplier) ** -{power_name}, is defined')
   if all(is_static(v) for v in (lag, multiplier, power)):
     first = (float(lag) + float(multiplier)) ** (-float(power))
-    check(lambda v: v <= 1.0 + 1e-6, first,
-          f'{name}: the weight at step 1, (lag + multiplier) ** -{power_name}'
-          f' = {first:.4g}, exceeds 1, so the average would extrapolate '
-          'rather than average; raise lag.')
+    check(transform, f'the weight at step 1, (lag + multiplier) ** '
+          f'-{power_name},', first, lambda v: v <= 1.0 + 1e-6,
+          'be at most 1, or the average would extrapolate rather than '
+          'average; raise lag')
   if floor is not None:
-    check(lambda v: 0.0 <= v <= 1.0, floor,
-          f'{name}: min_ema_multiplier must lie in [0, 1], got {floor}.')
+    check(transform, 'min_ema_multiplier', floor, lambda v: 0.0 <= v <= 1.0,
+          'lie in [0, 1]')
 
 
-def check_schedule(name, *, update_after, update_freq):
-  check(lambda v: v >= 0, update_after,
-        f'{name}: update_after must be >= 0, got {update_after}.')
-  check(lambda v: v >= 1, update_freq,
-        f'{name}: update_freq must be >= 1, got {update_freq}.')
-  for arg, value in (('update_after', update_after),
-                     ('update_freq', update_freq)):
-    check(lambda v: v == int(v), value,
-          f'{name}: {arg} must be an integer, got {value}.')
+def check_schedule(transform, *, update_after, update_freq):
+  """Burn-in and update frequency are whole numbers of steps."""
+  check(transform, 'update_after', update_after,
+        lambda v: v >= 0 and v == int(v), 'be an integer >= 0')
+  check(transform, 'update_freq', update_freq,
+        lambda v: v >= 1 and v == int(v), 'be an integer >= 1')

@@ -2,13 +2,12 @@
 
 The Adam moments, the decoupled weight decay and the learning-rate scaling are
 ``optax.adamw``'s own pieces, called in the same order, so ``pullback=0`` gives
-its iterates bit for bit; this module adds the pullback, the EMA and the
-guard against running PACE after another optimizer.
+its iterates bit for bit; this module adds the pullback and the EMA, which
+never takes in a non-finite iterate.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -16,9 +15,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_bema import _checks
-from optax_bema import _core
+from optax_bema import _engine
+from optax_bema import _tree
 
-# The EMA weight never falls below this, however long training runs (SPEC 3).
+# The EMA weight never falls below this, however long training runs.
 _DECAY_FLOOR = 1e-4
 
 _RIGHT_SPELLING = (
@@ -45,6 +45,7 @@ class PaceGain(NamedTuple):
 class PaceState(NamedTuple):
   """State of :func:`pace`: three parameter-sized copies and scalars."""
   count: jax.Array             # steps taken, int32, saturating
+  nonfinite_count: jax.Array   # EMA updates skipped for a non-finite iterate
   mu: optax.Updates            # Adam's first moment
   nu: optax.Updates            # Adam's second moment
   ema: optax.Params            # the model PACE returns
@@ -74,12 +75,12 @@ def pace_telemetry(opt_state) -> PaceTelemetry:
     >>> float(optax_bema.pace_telemetry(state).clipped_fraction)
     0.5
   """
-  state = _core.find_state(
+  state = _tree.find_state(
       opt_state, (PaceState,), caller='pace_telemetry', what='PaceState',
       missing='Train with optax_bema.pace(...).')
   g = state.gain
   raw_gain = jax.tree.map(
-      lambda v: g.strength / (jnp.sqrt(v.astype(_core.SCALAR_DTYPE)
+      lambda v: g.strength / (jnp.sqrt(v.astype(_tree.SCALAR_DTYPE)
                                        / g.nu_correction) + g.eps),
       state.nu)
   return PaceTelemetry(
@@ -87,10 +88,6 @@ def pace_telemetry(opt_state) -> PaceTelemetry:
           jax.tree.map(lambda lam: lam >= 1, raw_gain)),
       mean_gain=_mean_over_coordinates(
           jax.tree.map(lambda lam: jnp.minimum(lam, g.cap), raw_gain)))
-
-
-_core.register_readout(
-    PaceState, lambda s, params: _core.cast_like_params(s.ema, params))
 
 
 def pace(
@@ -142,17 +139,23 @@ def pace(
   it reached 1 (the paper's main telemetry) and its mean; the step itself
   pays nothing for them.
 
-  PACE must receive the raw gradient: ``optax.chain(optax.adamw(lr),
-  optax_bema.pace(lr, ...))`` would run Adam twice. That spelling fails at
-  once: ``pace`` without ``learning_rate`` raises ``TypeError`` at
-  construction, and at its first update (at trace time under ``jit``)
-  ``pace`` looks at the ``optax.chain`` / ``optax.named_chain`` calls that
-  enclose it and raises ``ValueError`` when an element before it keeps a
-  parameter-shaped float state (Adam or AdEMAMix moments, momentum, a
-  gradient accumulator): that element has already turned the gradient into
-  an update. Stateless gradient processing (``clip_by_global_norm``,
-  ``zero_nans``, ...) may precede it; accumulate with ``optax.MultiSteps``
-  around ``pace`` instead of a transform before it.
+  PACE is the whole optimizer, not a stabilizer to put after one: it must
+  receive the raw gradient (for its own Adam moments) and the learning rate.
+  Write it in place of ``optax.adamw``; only stateless gradient processing
+  (``clip_by_global_norm``, ``zero_nans``, ...) may precede it in a chain,
+  and gradient accumulation goes around it (``optax.MultiSteps``). The
+  stabilizer-style spelling ``optax.chain(optax.adamw(lr),
+  optax_bema.pace(pullback=..., ema_power=...))`` has no learning rate and
+  fails at construction with ``TypeError``, showing the right spelling.
+
+  No returned model is non-finite because one step was: an EMA update whose
+  iterate has a non-finite element is skipped (counted in the state's
+  ``nonfinite_count``), so the EMA keeps its last finite value. The live
+  weights and Adam's moments are not protected by this; to skip a step with
+  a non-finite gradient altogether, wrap the optimizer:
+  ``optax.apply_if_finite(optax_bema.pace(...), max_consecutive_errors)``,
+  whose state :func:`averaged_params` and :func:`pace_telemetry` read as
+  they read PACE's own.
 
   Args:
     learning_rate: eta, a float or an optax schedule; required.
@@ -180,10 +183,11 @@ def pace(
 
   Raises:
     TypeError: without a learning rate, or given a transform in its place.
-    ValueError: for negative ``pullback``, ``ema_power``, ``delay``,
-      ``multiplier``, ``weight_decay`` or ``eps``, betas outside [0, 1),
+    ValueError: for a NaN or infinite hyperparameter, negative
+      ``pullback``, ``ema_power``, ``delay``, ``multiplier``,
+      ``weight_decay``, ``eps`` or learning rate, betas outside [0, 1),
       ``update_freq`` not an integer >= 1; at the first update, without
-      ``params`` or after an optimizer in a chain.
+      ``params``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_bema
@@ -224,17 +228,17 @@ def pace(
   def init_fn(params):
     return PaceState(
         count=jnp.zeros([], jnp.int32),
-        mu=_core.zeros_tree(params, accumulator_dtype),
-        nu=_core.zeros_tree(params, accumulator_dtype),
-        ema=_core.copy_tree(params, accumulator_dtype),
+        nonfinite_count=jnp.zeros([], jnp.int32),
+        mu=_tree.zeros_tree(params, accumulator_dtype),
+        nu=_tree.zeros_tree(params, accumulator_dtype),
+        ema=_tree.copy_tree(params, accumulator_dtype),
         last_ema_step=jnp.zeros([], jnp.int32),
-        gain=PaceGain(*(jnp.asarray(v, _core.SCALAR_DTYPE)
+        gain=PaceGain(*(jnp.asarray(v, _tree.SCALAR_DTYPE)
                         for v in (0.0, 1.0, eps, cap))))
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
-    _core.require_params(params, 'pace')
-    _refuse_to_follow_an_optimizer(params)
+    _tree.require_params(params, 'pace')
     t = optax.safe_increment(state.count)
     lr = (learning_rate(state.count) if callable(learning_rate)
           else learning_rate)
@@ -245,12 +249,12 @@ def pace(
 
     scale = jax.tree.map(
         jnp.sqrt, optax.tree.bias_correction(adam_state.nu, b2, t))
-    beta = _core.power_law(
-        jnp.maximum(jnp.asarray(t, _core.SCALAR_DTYPE) - delay, 0.0),
+    beta = _engine.power_law(
+        jnp.maximum(jnp.asarray(t, _tree.SCALAR_DTYPE) - delay, 0.0),
         lag=1.0, multiplier=multiplier, power=ema_power, floor=_DECAY_FLOOR)
     # In float32 whether or not inject_hyperparams made lr an array.
-    strength = (jnp.asarray(lr, _core.SCALAR_DTYPE)
-                * jnp.asarray(pullback, _core.SCALAR_DTYPE) * beta)
+    strength = (jnp.asarray(lr, _tree.SCALAR_DTYPE)
+                * jnp.asarray(pullback, _tree.SCALAR_DTYPE) * beta)
     gain = jax.tree.map(
         lambda s: jnp.minimum(strength.astype(s.dtype) / (s + eps), cap),
         scale)
@@ -259,18 +263,24 @@ def pace(
       return (u + lam * (e - p.astype(e.dtype))).astype(p.dtype)
     updates = jax.tree.map(pulled, params, step, gain, state.ema)
 
-    theta = _core.iterate_tree(params, updates, accumulator_dtype)
-    ema = _core.ema_tree(beta, state.ema, theta)
-    last_ema_step = t
-    if not every_step:
-      due = (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0
-      ema = optax.tree.where(due, ema, state.ema)
-      last_ema_step = jnp.where(due, t, state.last_ema_step)
+    theta = _tree.as_accumulator(optax.apply_updates(params, updates),
+                                 accumulator_dtype)
+    # The live weights may go non-finite (a NaN gradient poisons Adam's
+    # moments); the EMA, the model PACE returns, never takes such an iterate.
+    finite = _tree.all_finite(theta)
+    due = jnp.asarray(True) if every_step else (
+        (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0)
+    ok = due & finite
+    ema = optax.tree.where(ok, _tree.ema_tree(beta, state.ema, theta),
+                           state.ema)
     return updates, PaceState(
-        count=t, mu=adam_state.mu, nu=adam_state.nu, ema=ema,
-        last_ema_step=last_ema_step,
-        gain=PaceGain(*(jnp.asarray(v, _core.SCALAR_DTYPE) for v in (
-            strength, 1 - jnp.asarray(b2, _core.SCALAR_DTYPE) ** t, eps,
+        count=t,
+        nonfinite_count=(state.nonfinite_count
+                         + (due & ~finite).astype(jnp.int32)),
+        mu=adam_state.mu, nu=adam_state.nu, ema=ema,
+        last_ema_step=jnp.where(ok, t, state.last_ema_step),
+        gain=PaceGain(*(jnp.asarray(v, _tree.SCALAR_DTYPE) for v in (
+            strength, 1 - jnp.asarray(b2, _tree.SCALAR_DTYPE) ** t, eps,
             cap))))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -279,73 +289,17 @@ def pace(
 def _check_hyperparameters(*, learning_rate, b1, b2, eps, weight_decay,
                            pullback, ema_power, delay, multiplier,
                            update_freq):
-  if not callable(learning_rate):
-    _checks.check(lambda v: v >= 0, learning_rate,
-                f'pace: learning_rate must be >= 0, got {learning_rate}.')
   for name, value in (('b1', b1), ('b2', b2)):
-    _checks.check(lambda v: 0 <= v < 1, value,
-                f'pace: {name} must lie in [0, 1), got {value}.')
-  for name, value in (('eps', eps), ('weight_decay', weight_decay),
-                      ('pullback', pullback), ('delay', delay)):
-    _checks.check(lambda v: v >= 0, value,
-                f'pace: {name} must be >= 0, got {value}.')
+    _checks.check('pace', name, value, *_checks.DECAY)
+  for name, value in (('learning_rate', learning_rate), ('eps', eps),
+                      ('weight_decay', weight_decay), ('pullback', pullback),
+                      ('delay', delay)):
+    _checks.check('pace', name, value, *_checks.NONNEGATIVE)
   _checks.check_power_law('pace', power=ema_power, lag=1.0,
-                        multiplier=multiplier)
+                          multiplier=multiplier)
   _checks.check_schedule('pace', update_after=0, update_freq=update_freq)
 
 
 def _mean_over_coordinates(tree) -> jax.Array:
-  return _core.tree_sum(tree) / max(1, sum(x.size for x in
+  return _tree.tree_sum(tree) / max(1, sum(x.size for x in
                                            jax.tree.leaves(tree)))
-
-
-# --- the guard against optax.chain(optax.adamw(lr), optax_bema.pace(...)) ---
-
-_CHAIN_UPDATES = frozenset(
-    tx.update.__code__ for tx in (optax.chain(optax.identity()),
-                                  optax.named_chain(('a', optax.identity()))))
-# Enough for chain -> inject_hyperparams -> MultiSteps -> pace and deeper.
-_MAX_FRAMES = 32
-
-
-def _refuse_to_follow_an_optimizer(params):
-  """Raises when an enclosing chain ran an optimizer before this transform.
-
-  ``optax.chain`` and ``optax.named_chain`` keep the new states of the
-  elements already run in their local ``new_state``; an element whose state
-  holds a float tree shaped like ``params`` keeps per-coordinate statistics
-  of the gradient, so the updates reaching PACE are no longer gradients.
-  This runs in Python, once per trace under ``jit``, and costs nothing on
-  the device.
-  """
-  frame = sys._getframe(2)  # pylint: disable=protected-access
-  for _ in range(_MAX_FRAMES):
-    if frame is None:
-      return
-    if frame.f_code in _CHAIN_UPDATES:
-      earlier = frame.f_locals.get('new_state')
-      found = _parameter_shaped(earlier, params) if earlier else []
-      if found:
-        raise ValueError(
-            'pace: an earlier element of the enclosing optax chain keeps '
-            f'parameter-shaped state (the chain\'s state{found[0]}), so it '
-            'is an optimizer and PACE would receive its updates instead of '
-            'gradients, as in optax.chain(optax.adamw(lr), '
-            'optax_bema.pace(lr, ...)), which applies Adam twice. '
-            + _RIGHT_SPELLING)
-    frame = frame.f_back
-
-
-def _parameter_shaped(state, params) -> list[str]:
-  params_def = jax.tree.structure(params)
-  shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
-
-  def matches(x):
-    if jax.tree.structure(x) != params_def:
-      return False
-    leaves = jax.tree.leaves(x)
-    return all(hasattr(v, 'dtype') and _core.is_float_leaf(v)
-               and jnp.shape(v) == s for v, s in zip(leaves, shapes))
-
-  found, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=matches)
-  return [jax.tree_util.keystr(path) for path, x in found if matches(x)]

@@ -1,13 +1,16 @@
-"""Where state lives: host memory for offload, the params' sharding.
+"""Where state lives: device or host memory, and the params' sharding.
 
 The stabilizers' parameter-sized state may wait in host memory between update
-steps (``offload_to_host``) and may be sharded unlike the params (ZeRO-style);
-these helpers move arrays between the two memories and layouts.
+steps (``offload_to_host``) and may be sharded unlike the params (ZeRO-style).
+``OnDevice`` and ``OnHost`` are the two places, as one small strategy the
+engine asks to store, load and commit a field; the helpers below move arrays
+between the two memories and layouts.
 """
 
 from __future__ import annotations
 
 import jax
+import optax
 
 
 def in_host_memory(x) -> bool:
@@ -50,3 +53,43 @@ def like_sharding(x, ref):
       and x.sharding != ref.sharding):
     return jax.device_put(x, ref.sharding)
   return x
+
+
+class OnDevice:
+  """State that lives with the params: updated in place, by masking.
+
+  An update that must not happen (a non-finite iterate) is a masked select,
+  one fused pass with the update itself: no branch, no copy.
+  """
+
+  store = load = staticmethod(lambda tree: tree)
+
+  @staticmethod
+  def commit(ok, new, old, overwrites: bool):
+    """``new`` where ``ok``, else ``old``: as stored, and as later fields of
+    the same step read it."""
+    del overwrites
+    kept = optax.tree.where(ok, new, old)
+    return kept, kept
+
+
+class OnHost:
+  """State in host memory (``pinned_host``) between update steps.
+
+  It crosses to the device only where an update reads it (jit drops the
+  transfers nobody reads) and goes back once updated. A field an update
+  overwrites (with theta_t) goes back through a branch instead of a masked
+  select, so its old value never crosses to the device at all.
+  """
+
+  store = staticmethod(to_host)
+  load = staticmethod(to_device)
+
+  @staticmethod
+  def commit(ok, new, old, overwrites: bool):
+    """``new`` where ``ok``, else ``old``: as stored, and as later fields of
+    the same step read it (on the device)."""
+    if overwrites:
+      return jax.lax.cond(ok, lambda: to_host(new), lambda: old), new
+    kept = optax.tree.where(ok, new, to_device(old))
+    return to_host(kept), kept

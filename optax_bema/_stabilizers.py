@@ -1,8 +1,8 @@
 """EMA, BEMA, DEMA and OUEMA: the stabilizers of the BEMA paper.
 
-Each is an update rule plugged into the shared core (``_core.stabilizer``):
-the weight schedule, the update-step predicate, the burn-in reset, the
-non-finite guard and the readout are written once there.
+Each is a :class:`~optax_bema._engine.Rule` for the shared engine: its state
+and the named field updates of an update step. The weights, the schedule,
+the burn-in, the non-finite guard and where the state lives are the engine's.
 """
 
 from __future__ import annotations
@@ -14,62 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_bema import _checks
-from optax_bema import _core
-from optax_bema import _placement
-
-_REFERENCES = """
-  References:
-    Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
-    Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (BEMA,
-    Algorithm 1 and Appendix C; defaults from its Table 2).
-"""
-
-_SHARED_ARGS = """
-    lag: rho, the offset in the weights' base (lag + multiplier * t).
-    multiplier: gamma, the step's factor in that base.
-    update_after: tau, the burn-in: until step ``update_after`` the average,
-      theta_0 and the returned model are all reset to the current weights.
-    update_freq: phi, the average is updated every ``update_freq`` steps
-      after the burn-in; in between the returned model is the one from the
-      last update step. 1 updates every step.
-    min_ema_multiplier: a floor on the EMA weight beta_t.
-    accumulator_dtype: dtype of the averages; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
-    offload_to_host: keep the parameter-sized state (theta_0, the averages)
-      in host memory (``memory_kind="pinned_host"``, shardings kept) and move
-      it to the accelerator only on update steps, as the BEMA paper does to
-      save accelerator memory. Steps between updates move nothing.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose update returns its
-    input updates unchanged, bit for bit. It tracks theta_t = params +
-    updates, so it must be the LAST element of the chain, after the
-    optimizer and any scaling. Read the model with
-    ``optax_bema.averaged_params(opt_state, params)``.
-"""
-
-_EXAMPLE = """
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.{name}(update_freq=1))
-    >>> params = {{'w': jnp.ones(3)}}
-    >>> state = tx.init(params)
-    >>> grads = {{'w': jnp.full(3, 0.5)}}
-    >>> updates, state = jax.jit(tx.update)(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> model = optax_bema.averaged_params(state, params)
-    >>> model['w'].shape
-    (3,)
-"""
-
-
-def _document(fn):
-  fn.__doc__ = (fn.__doc__ + _SHARED_ARGS + _EXAMPLE.format(name=fn.__name__)
-                + _REFERENCES)
-  return fn
-
-
-# --- EMA -------------------------------------------------------------------
+from optax_bema import _engine
+from optax_bema import _tree
 
 
 class EmaState(NamedTuple):
@@ -77,44 +23,6 @@ class EmaState(NamedTuple):
   count: jax.Array            # steps seen, int32, saturating
   nonfinite_count: jax.Array  # update steps skipped for a non-finite iterate
   ema: optax.Params
-
-
-_EMA = _core.Rule(
-    name='ema', state_cls=EmaState, averages=('ema',), reset_scalars={},
-    advance=lambda w, theta, s: {'ema': _core.ema_tree(w.ema, s.ema, theta)})
-_core.register_readout(
-    EmaState, lambda s, params: _core.cast_like_params(s.ema, params))
-
-
-@_document
-def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
-        update_after: int = 0, update_freq: int = 400,
-        min_ema_multiplier: float = 0.0,
-        accumulator_dtype: Optional[jnp.dtype] = None,
-        offload_to_host: bool = False,
-        ) -> optax.GradientTransformationExtraArgs:
-  r"""Exponential moving average of the weights, with power-law weights.
-
-  On each update step t (counted from 1, absolute, burn-in included):
-
-  .. math::
-    \beta_t = \max((\rho + \gamma t)^{-\kappa}, \beta_{min}), \quad
-    \bar\theta \leftarrow (1 - \beta_t) \bar\theta + \beta_t \theta_t,
-
-  and the returned model is :math:`\bar\theta`. This is BEMA with
-  ``bias_power = inf``. State: one parameter-sized copy.
-
-  Args:
-    ema_power: kappa, the power of the EMA weight beta_t.
-  """
-  return _core.stabilizer(
-      _EMA, ema_power=ema_power, bias_power=0.0, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
-
-
-# --- BEMA ------------------------------------------------------------------
 
 
 class BemaState(NamedTuple):
@@ -131,29 +39,98 @@ class BemaState(NamedTuple):
   last_iterate: Optional[optax.Params] = None
 
 
-def _bema_advance(w, theta, s):
-  new = {'ema': _core.ema_tree(w.ema, s.ema, theta), 'bias_weight': w.bias}
-  if s.last_iterate is not None:
-    new['last_iterate'] = theta
-  return new
+class DemaState(NamedTuple):
+  """State of :func:`dema`: two parameter-sized copies."""
+  count: jax.Array
+  nonfinite_count: jax.Array
+  ema: optax.Params
+  ema_of_ema: optax.Params
 
 
-def _bema_readout(s, params):
-  anchor = s.last_iterate
-  if anchor is None:
-    anchor = jax.tree.map(
-        lambda p, e: e if isinstance(e, optax.MaskedNode)
-        else _placement.like_sharding(jnp.asarray(p, e.dtype), e), params, s.ema)
-  model = jax.tree.map(
-      lambda x, x0, e: s.bias_weight.astype(e.dtype) * (x - x0) + e,
-      anchor, s.initial_params, s.ema)
-  return _core.cast_like_params(model, params)
+class OuemaState(NamedTuple):
+  """State of :func:`ouema`: two parameter-sized copies."""
+  count: jax.Array
+  nonfinite_count: jax.Array
+  initial_params: optax.Params  # theta_0
+  ema: optax.Params
 
 
-_core.register_readout(BemaState, _bema_readout)
+def _ema_field(name='ema', source=None) -> _engine.Field:
+  """``name <- (1 - beta) name + beta x``, x theta_t or another field."""
+  def new(w, theta, s):
+    x = theta if source is None else getattr(s, source)
+    return _tree.ema_tree(w.beta, getattr(s, name), x)
+  return _engine.Field(name, new)
 
 
-@_document
+def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
+        update_after: int = 0, update_freq: int = 400,
+        min_ema_multiplier: float = 0.0,
+        accumulator_dtype: Optional[jnp.dtype] = None,
+        offload_to_host: bool = False,
+        ) -> optax.GradientTransformationExtraArgs:
+  r"""Exponential moving average of the weights, with power-law weights.
+
+  On each update step t (counted from 1, absolute, burn-in included):
+
+  .. math::
+    \beta_t = \max((\rho + \gamma t)^{-\kappa}, \beta_{min}), \quad
+    \bar\theta \leftarrow (1 - \beta_t) \bar\theta + \beta_t \theta_t,
+
+  and the returned model is :math:`\bar\theta`. This is :func:`bema` with
+  ``bias_power = inf``. State: one parameter-sized copy.
+
+  An update step whose iterate has a non-finite element is skipped (the
+  average keeps its last finite value) and counted in the state's
+  ``nonfinite_count``, so the returned model is always finite.
+
+  Args:
+    ema_power: kappa, the power of the EMA weight beta_t.
+    lag: rho, the offset in the weights' base (lag + multiplier * t).
+    multiplier: gamma, the step's factor in that base.
+    update_after: tau, the burn-in: until step ``update_after`` the average
+      is reset to the current weights.
+    update_freq: phi, the average is updated every ``update_freq`` steps
+      after the burn-in; in between the returned model is the one from the
+      last update step. 1 updates every step.
+    min_ema_multiplier: a floor on the EMA weight beta_t.
+    accumulator_dtype: dtype of the average; by default float32 for
+      bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the average in host memory
+      (``memory_kind="pinned_host"``, shardings kept) and move it to the
+      accelerator only on update steps, as the BEMA paper does to save
+      accelerator memory.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update returns its
+    input updates unchanged. It tracks theta_t = params + updates, so it
+    must be the LAST element of the chain. Read the model with
+    ``optax_bema.averaged_params(opt_state, params)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.ema(update_freq=1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params)['w'].shape
+    (3,)
+
+  References:
+    Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
+    Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
+    1 with the bias correction off; defaults from its Table 2).
+  """
+  rule = _engine.Rule(name='ema', state_cls=EmaState, averages=('ema',),
+                      update=(_ema_field(),))
+  return _engine.stabilizer(
+      rule, ema_power=ema_power, bias_power=0.0, lag=lag,
+      multiplier=multiplier, update_after=update_after,
+      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+
+
 def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
          multiplier: float = 1.0, update_after: int = 0,
          update_freq: int = 400, min_ema_multiplier: float = 0.0,
@@ -171,51 +148,70 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
   where :math:`\theta_0` are the weights at init (or at the end of the
   burn-in). The returned model is :math:`\hat\theta` from the last update
   step. State: three parameter-sized copies (theta_0, the EMA, theta at the
-  last update), two when ``update_freq=1`` (the readout then uses the
-  current params, which are that theta).
+  last update), two when ``update_freq=1``: the readout then uses the
+  current params, which are that theta.
+
+  An update step whose iterate has a non-finite element is skipped and
+  counted in ``nonfinite_count``. With ``update_freq=1``, if the params
+  handed to ``averaged_params`` are not all finite (the training itself
+  diverged), the readout cannot form the correction and returns the EMA,
+  the best finite model the state holds.
 
   Args:
     ema_power: kappa, the power of the EMA weight beta_t.
-    bias_power: eta, the power of the bias-correction weight alpha_t.
+    bias_power: eta, the power of the bias-correction weight alpha_t;
+      ``inf`` turns the correction off (then this is :func:`ema`).
+    lag: rho, the offset in the weights' base (lag + multiplier * t).
+    multiplier: gamma, the step's factor in that base.
+    update_after: tau, the burn-in: until step ``update_after`` theta_0, the
+      EMA and the returned model are reset to the current weights.
+    update_freq: phi, the averages are updated every ``update_freq`` steps
+      after the burn-in; in between the returned model is the one from the
+      last update step. 1 updates every step.
+    min_ema_multiplier: a floor on the EMA weight beta_t.
+    accumulator_dtype: dtype of the state's copies; by default float32 for
+      bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the parameter-sized state in host memory
+      (``memory_kind="pinned_host"``, shardings kept) and move it to the
+      accelerator only on update steps, as the BEMA paper does.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update returns its
+    input updates unchanged. It tracks theta_t = params + updates, so it
+    must be the LAST element of the chain. Read the model with
+    ``optax_bema.averaged_params(opt_state, params)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.bema(update_freq=1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params)['w'].shape
+    (3,)
+
+  References:
+    Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
+    Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
+    1; defaults from its Table 2).
   """
-  rule = _core.Rule(
-      name='bema', state_cls=BemaState, advance=_bema_advance,
-      reset_scalars={'bias_weight': 0.0},
-      averages=(('initial_params', 'ema') if _checks.is_static(update_freq)
-                and int(update_freq) == 1
-                else ('initial_params', 'ema', 'last_iterate')))
-  return _core.stabilizer(
+  reads_params = _checks.is_static(update_freq) and int(update_freq) == 1
+  update = (_ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
+  if not reads_params:
+    update += (_engine.Field('last_iterate'),)
+  rule = _engine.Rule(
+      name='bema', state_cls=BemaState, update=update,
+      averages=('initial_params', 'ema') + (
+          () if reads_params else ('last_iterate',)),
+      scalars=(('bias_weight', 0.0),))
+  return _engine.stabilizer(
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
       accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
-# --- DEMA ------------------------------------------------------------------
-
-
-class DemaState(NamedTuple):
-  """State of :func:`dema`: two parameter-sized copies."""
-  count: jax.Array
-  nonfinite_count: jax.Array
-  ema: optax.Params
-  ema_of_ema: optax.Params
-
-
-def _dema_advance(w, theta, s):
-  return {'ema': _core.ema_tree(w.ema, s.ema, theta),
-          'ema_of_ema': lambda new: _core.ema_tree(w.ema, s.ema_of_ema, new['ema'])}
-
-
-_DEMA = _core.Rule(name='dema', state_cls=DemaState,
-                   averages=('ema', 'ema_of_ema'), advance=_dema_advance,
-                   reset_scalars={})
-_core.register_readout(
-    DemaState, lambda s, params: _core.cast_like_params(
-        jax.tree.map(lambda e1, e2: 2 * e1 - e2, s.ema, s.ema_of_ema), params))
-
-
-@_document
 def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
          update_after: int = 0, update_freq: int = 400,
          min_ema_multiplier: float = 0.0,
@@ -232,43 +228,52 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     \hat\theta = 2 e_1 - e_2
 
   (``e_2`` averages the new ``e_1``). State: two parameter-sized copies.
+  An update step whose iterate has a non-finite element is skipped and
+  counted in ``nonfinite_count``.
 
   Args:
     ema_power: kappa, the power of the EMA weight beta_t.
+    lag: rho, the offset in the weights' base (lag + multiplier * t).
+    multiplier: gamma, the step's factor in that base.
+    update_after: tau, the burn-in: until step ``update_after`` both
+      averages are reset to the current weights.
+    update_freq: phi, the averages are updated every ``update_freq`` steps
+      after the burn-in. 1 updates every step.
+    min_ema_multiplier: a floor on the EMA weight beta_t.
+    accumulator_dtype: dtype of the averages; by default float32 for
+      bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the averages in host memory between update steps.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update returns its
+    input updates unchanged; it must be the LAST element of the chain. Read
+    the model with ``optax_bema.averaged_params(opt_state, params)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.dema(update_freq=1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params)['w'].shape
+    (3,)
+
+  References:
+    Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
+    Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Appendix
+    C, the double EMA baseline).
   """
-  return _core.stabilizer(
-      _DEMA, ema_power=ema_power, bias_power=0.0, lag=lag,
+  rule = _engine.Rule(
+      name='dema', state_cls=DemaState, averages=('ema', 'ema_of_ema'),
+      update=(_ema_field(), _ema_field('ema_of_ema', source='ema')))
+  return _engine.stabilizer(
+      rule, ema_power=ema_power, bias_power=0.0, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
       accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
-# --- OUEMA -----------------------------------------------------------------
-
-
-class OuemaState(NamedTuple):
-  """State of :func:`ouema`: two parameter-sized copies."""
-  count: jax.Array
-  nonfinite_count: jax.Array
-  initial_params: optax.Params  # theta_0
-  ema: optax.Params
-
-
-def _ouema_advance(w, theta, s, *, multiplier, bias_power):
-  p = _core.power_law(w.t, lag=1.0, multiplier=multiplier, power=bias_power)
-
-  def debiased(x, x0):
-    p_ = p.astype(x.dtype)
-    return (x - p_ * x0) / (1 - p_)
-  x = jax.tree.map(debiased, theta, s.initial_params)
-  return {'ema': _core.ema_tree(w.ema, s.ema, x)}
-
-
-_core.register_readout(
-    OuemaState, lambda s, params: _core.cast_like_params(s.ema, params))
-
-
-@_document
 def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
           multiplier: float = 1.0, update_after: int = 0,
           update_freq: int = 400, min_ema_multiplier: float = 0.0,
@@ -285,25 +290,62 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     \bar\theta \leftarrow (1-\beta_t) \bar\theta + \beta_t x_t,
 
   and the returned model is :math:`\bar\theta`. State: two parameter-sized
-  copies (theta_0 and the average).
+  copies (theta_0 and the average). An update step whose iterate has a
+  non-finite element is skipped and counted in ``nonfinite_count``.
 
   Args:
     ema_power: kappa, the power of the EMA weight beta_t.
     bias_power: eta, the power of p_t; must be > 0, and ``multiplier`` > 0,
       so that p_t < 1.
+    lag: rho, the offset in the EMA weight's base (lag + multiplier * t).
+    multiplier: gamma, the step's factor in both bases.
+    update_after: tau, the burn-in: until step ``update_after`` theta_0 and
+      the average are reset to the current weights.
+    update_freq: phi, the average is updated every ``update_freq`` steps
+      after the burn-in. 1 updates every step.
+    min_ema_multiplier: a floor on the EMA weight beta_t.
+    accumulator_dtype: dtype of the state's copies; by default float32 for
+      bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the state's copies in host memory between update
+      steps.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update returns its
+    input updates unchanged; it must be the LAST element of the chain. Read
+    the model with ``optax_bema.averaged_params(opt_state, params)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.ouema(update_freq=1))
+    >>> params = {'w': jnp.ones(3)}
+    >>> state = tx.init(params)
+    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params)['w'].shape
+    (3,)
+
+  References:
+    Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
+    Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Section 3
+    and Appendix C: the OU-model estimator).
   """
-  _checks.check(lambda v: v > 0, bias_power,
-              f'ouema: bias_power must be > 0 (p_t = (1 + multiplier t) ** '
-              f'-bias_power must stay below 1), got {bias_power}.')
-  _checks.check(lambda v: v > 0, multiplier,
-              f'ouema: multiplier must be > 0 (p_t = (1 + multiplier t) ** '
-              f'-bias_power must stay below 1), got {multiplier}.')
-  rule = _core.Rule(
-      name='ouema', state_cls=OuemaState, averages=('initial_params', 'ema'),
-      reset_scalars={},
-      advance=lambda w, theta, s: _ouema_advance(
-          w, theta, s, multiplier=multiplier, bias_power=bias_power))
-  return _core.stabilizer(
+  for name, value in (('bias_power', bias_power), ('multiplier', multiplier)):
+    _checks.check('ouema', name, value, lambda v: v > 0,
+                  'be > 0 (p_t = (1 + multiplier t) ** -bias_power must stay '
+                  'below 1)')
+
+  def debiased(w, theta, s):
+    p = _engine.power_law(w.t, lag=1.0, multiplier=multiplier,
+                          power=bias_power)
+    x = jax.tree.map(
+        lambda x, x0: (x - p.astype(x.dtype) * x0) / (1 - p.astype(x.dtype)),
+        theta, s.initial_params)
+    return _tree.ema_tree(w.beta, s.ema, x)
+
+  rule = _engine.Rule(name='ouema', state_cls=OuemaState,
+                      averages=('initial_params', 'ema'),
+                      update=(_engine.Field('ema', debiased),))
+  return _engine.stabilizer(
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,

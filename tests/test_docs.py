@@ -6,14 +6,14 @@ import re
 
 import pytest
 
-from optax_bema import _adaptive_ademamix, _core, _pace, _stabilizers
+from optax_bema import _adaptive_ademamix, _pace, _readout, _stabilizers
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 # Sections whose code runs as written (the scaling ones need a mesh or hosts).
 RUNNABLE = ('## A minimal example', '## PACE', '## Adaptive AdEMAMix')
 
 
-@pytest.mark.parametrize('module', [_core, _stabilizers, _pace,
+@pytest.mark.parametrize('module', [_readout, _stabilizers, _pace,
                                     _adaptive_ademamix])
 def test_docstring_examples(module):
   result = doctest.testmod(module)

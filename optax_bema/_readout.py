@@ -1,0 +1,84 @@
+"""The model to return: :func:`averaged_params`, a plain table from state class
+to readout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_bema import _pace
+from optax_bema import _stabilizers
+from optax_bema import _tree
+from optax_bema._placement import like_sharding
+from optax_bema._placement import to_device
+
+
+def _bema(state, params):
+  """alpha (theta - theta_0) + ema, theta from the last update step.
+
+  With ``update_freq=1`` theta is the current params; when those are not all
+  finite (training diverged) the correction is dropped and the EMA, finite
+  by the engine's guard, is returned.
+  """
+  anchor = state.last_iterate
+  if anchor is None:
+    current = jax.tree.map(
+        lambda p, e: e if isinstance(e, optax.MaskedNode)
+        else like_sharding(jnp.asarray(p, e.dtype), e), params, state.ema)
+    anchor = optax.tree.where(_tree.all_finite(current), current,
+                              state.initial_params)
+  return jax.tree.map(
+      lambda x, x0, e: state.bias_weight.astype(e.dtype) * (x - x0) + e,
+      anchor, state.initial_params, state.ema)
+
+
+_READOUTS = {
+    _stabilizers.EmaState: lambda state, params: state.ema,
+    _stabilizers.BemaState: _bema,
+    _stabilizers.DemaState: lambda state, params: jax.tree.map(
+        lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
+    _stabilizers.OuemaState: lambda state, params: state.ema,
+    _pace.PaceState: lambda state, params: state.ema,
+}
+
+
+def averaged_params(opt_state, params):
+  """The model to evaluate and return: the average an optimizer state holds.
+
+  Finds the single averaging state (EMA, BEMA, DEMA, OUEMA or PACE) anywhere
+  inside ``opt_state`` -- a plain state, ``optax.chain``, ``named_chain``,
+  ``MultiSteps``, ``inject_hyperparams``, ``apply_if_finite`` -- and reads
+  its model out. The model is always finite: the averages never take in a
+  non-finite iterate, and BEMA with ``update_freq=1``, which reads the
+  current params, returns its EMA when those are not finite.
+
+  Args:
+    opt_state: the optimizer state, or any part of it holding exactly one
+      averaging state.
+    params: the current weights. They give the model its dtypes, layout and
+      non-float leaves; BEMA with ``update_freq=1`` also reads their values,
+      to hold one parameter-sized copy fewer.
+
+  Returns:
+    A pytree with the structure, dtypes and shardings of ``params``.
+
+  Raises:
+    ValueError: when ``opt_state`` holds no averaging state, or several.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(0.1), optax_bema.ema(update_freq=1))
+    >>> params = jnp.ones(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.ones(3), state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> optax_bema.averaged_params(state, params).shape
+    (3,)
+  """
+  state = _tree.find_state(
+      opt_state, _READOUTS, caller='averaged_params', what='averaging state',
+      missing='Put a stabilizer last in the chain, e.g. optax.chain('
+      'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).')
+  state = to_device(state)  # an offloaded state is read on the device
+  return _tree.cast_like_params(_READOUTS[type(state)](state, params), params)

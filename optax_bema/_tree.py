@@ -1,0 +1,138 @@
+"""Tree helpers every transform shares: dtypes, copies, the EMA step, finding
+a state inside a chain.
+
+Scalars are computed in float32; only the final product meets a leaf's dtype.
+Integer and boolean leaves are never averaged: they become
+``optax.MaskedNode()`` in a state and cost no memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_bema._placement import like_sharding
+
+SCALAR_DTYPE = jnp.float32
+
+
+def is_float_leaf(x) -> bool:
+  """Whether a leaf is averaged: integer and boolean leaves never are."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def accumulator_dtype_for(leaf, accumulator_dtype) -> jnp.dtype:
+  """float32 at least: bfloat16 and float16 weights are averaged in float32."""
+  if accumulator_dtype is not None:
+    return jnp.dtype(accumulator_dtype)
+  return jnp.promote_types(leaf.dtype, SCALAR_DTYPE)
+
+
+def as_accumulator(tree, accumulator_dtype):
+  """Float leaves in the accumulator dtype; the others ``MaskedNode``."""
+  def cast(x):
+    if not is_float_leaf(x):
+      return optax.MaskedNode()
+    return x.astype(accumulator_dtype_for(x, accumulator_dtype))
+  return jax.tree.map(cast, tree)
+
+
+def copy_tree(params, accumulator_dtype):
+  """A params-shaped copy in the accumulator dtype, one that never aliases.
+
+  ``jnp.array(copy=True)`` keeps the leaf's sharding and yields a new buffer,
+  so params and state can both be donated.
+  """
+  def copy(p):
+    if not is_float_leaf(p):
+      return optax.MaskedNode()
+    return jnp.array(p, dtype=accumulator_dtype_for(p, accumulator_dtype),
+                     copy=True)
+  return jax.tree.map(copy, params)
+
+
+def zeros_tree(params, accumulator_dtype):
+  """Params-shaped zeros in the accumulator dtype (optimizer moments)."""
+  return jax.tree.map(
+      lambda p: jnp.zeros_like(p, accumulator_dtype_for(p, accumulator_dtype)),
+      params)
+
+
+def ema_tree(beta, average, x):
+  """(1 - beta) average + beta x per leaf, beta cast only at the end."""
+  def step(a, v):
+    b = beta.astype(a.dtype)
+    return (1 - b) * a + b * v
+  return jax.tree.map(step, average, x)
+
+
+def tree_sum(tree) -> jax.Array:
+  """The sum of every element of every leaf, accumulated in float32."""
+  return sum((jnp.sum(x, dtype=SCALAR_DTYPE) for x in jax.tree.leaves(tree)),
+             jnp.zeros([], SCALAR_DTYPE))
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every element of every leaf is finite, exactly.
+
+  On accelerators, ``isfinite(x).all()``: XLA fuses the reduction into one
+  read, and a ``lax.cond`` there would stall the host on every step. On CPU
+  that form writes a boolean temporary and reduces it in a tree, 2-3 times
+  slower than a sum, so there the sum decides: it is non-finite whenever an
+  element is (NaN and infinities propagate through addition), and only then
+  -- a non-finite element, or finite ones whose sum overflowed -- does the
+  element-wise test run. (``max(abs(x))`` drops NaN on XLA:CPU's fast path.)
+  """
+  leaves = [x for x in jax.tree.leaves(tree) if is_float_leaf(x)]
+  if not leaves:
+    return jnp.asarray(True)
+
+  def elementwise(*xs):
+    return jnp.stack([jnp.isfinite(x).all() for x in xs]).all()
+
+  def summed(*xs):
+    total = jnp.stack([
+        jnp.sum(x, dtype=jnp.promote_types(x.dtype, SCALAR_DTYPE))
+        for x in xs]).sum()
+    return jax.lax.cond(jnp.isfinite(total), lambda *_: jnp.asarray(True),
+                        elementwise, *xs)
+  return jax.lax.platform_dependent(*leaves, cpu=summed, default=elementwise)
+
+
+def cast_like_params(model, params):
+  """The model in the params' dtypes and layout; non-float leaves are the
+  params' own."""
+  def cast(p, m):
+    if isinstance(m, optax.MaskedNode):
+      return p
+    return like_sharding(m.astype(p.dtype), p)
+  return jax.tree.map(cast, params, model)
+
+
+def find_state(opt_state, types, *, caller: str, what: str, missing: str):
+  """The one state of a class in ``types`` anywhere inside ``opt_state``.
+
+  Raises ``ValueError`` when there is none (``missing`` says what to do) or
+  several (the message names their paths and how to pass one).
+  """
+  is_ours = lambda x: type(x) in types  # pylint: disable=unidiomatic-typecheck
+  leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_ours)
+  found = [(path, x) for path, x in leaves if is_ours(x)]
+  if len(found) == 1:
+    return found[0][1]
+  if not found:
+    raise ValueError(f'{caller}: opt_state holds no {what}. {missing}')
+  where = ', '.join(f'opt_state{jax.tree_util.keystr(path)} '
+                    f'({type(s).__name__})' for path, s in found)
+  first = jax.tree_util.keystr(found[0][0])
+  raise ValueError(
+      f'{caller}: opt_state holds {len(found)} {what}s: {where}. Pass the '
+      f'one to read, e.g. {caller}(opt_state{first}, ...).')
+
+
+def require_params(params, name: str):
+  if params is None:
+    raise ValueError(
+        f'{name}: update needs `params`, the current weights, to track '
+        'theta_t = params + updates. Call tx.update(updates, state, params).')
