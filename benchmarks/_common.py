@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import platform
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 import matplotlib
@@ -24,24 +24,13 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import optax
 import optax_bema
 
-STABILIZERS: Mapping[str, Callable[..., optax.GradientTransformation]] = {
-    'ema': optax_bema.ema,
-    'bema': optax_bema.bema,
-    'ouema': optax_bema.ouema,
-    'dema': optax_bema.dema,
-}
-# bias_power means nothing to EMA and DEMA; passing it would be an error.
-_TAKES_BIAS_POWER = ('bema', 'ouema')
+import _transforms  # pylint: disable=g-bad-import-order
 
-
-def make_stabilizers(names, *, suffix: str = '', bias_power: float = 0.2,
+def make_stabilizers(names, *, suffix: str = '',
                      **hyperparams) -> dict[str, optax.GradientTransformation]:
   """``{name + suffix: transform}`` for the named stabilizers."""
-  out = {}
-  for name in names:
-    extra = {'bias_power': bias_power} if name in _TAKES_BIAS_POWER else {}
-    out[name + suffix] = STABILIZERS[name](**hyperparams, **extra)
-  return out
+  return {name + suffix: _transforms.stabilizer(name, **hyperparams)
+          for name in names}
 
 
 class Averages:
@@ -73,16 +62,28 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str):
                       help='directory for results.json and the plot')
 
 
-def machine() -> str:
-  """Where the numbers came from, for the results file and the README."""
+def machine() -> dict:
+  """Where the numbers came from: device, host CPU and versions."""
   cpu = platform.processor() or platform.machine()
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo') as f:
       names = [line.split(':', 1)[1].strip() for line in f
                if line.startswith('model name')]
     cpu = names[0] if names else cpu
-  return (f'{cpu}, {os.cpu_count()} CPU cores, jax {jax.__version__} on '
-          f'{jax.default_backend()} ({jax.device_count()} device(s))')
+  device = jax.devices()[0]
+  return dict(platform=device.platform, device=device.device_kind,
+              devices=jax.device_count(), cpu_count=os.cpu_count(),
+              processor=cpu, python=platform.python_version(),
+              jax=jax.__version__, optax=optax.__version__,
+              optax_bema=optax_bema.__version__)
+
+
+def machine_line(info: Mapping[str, object] | None = None) -> str:
+  """``info``, by default ``machine()``, in one line for logs and results."""
+  info = info or machine()
+  return (f"{info['processor']}, {info['cpu_count']} CPU cores, jax "
+          f"{info['jax']} on {info['platform']} ({info['devices']} "
+          'device(s))')
 
 
 def write_results(out_dir: str, results: dict) -> str:

@@ -38,6 +38,7 @@ import optax_bema
 import tqdm
 
 import _common
+import _transforms
 import _lm
 
 LEARNING_RATE = 1e-3   # PACE's headline lr and the AdEMAMix report's
@@ -100,7 +101,7 @@ def _live(state, params):
 
 def runs(config) -> list[Run]:
   clip = optax.clip_by_global_norm(CLIP_NORM)
-  stabilizers = _common.make_stabilizers(_common.STABILIZERS,
+  stabilizers = _common.make_stabilizers(_transforms.STABILIZERS,
                                        update_freq=UPDATE_FREQ, **STABILIZER)
   for f in config['update_freqs']:
     if f != UPDATE_FREQ:
@@ -292,7 +293,7 @@ def main():
       clip_norm=CLIP_NORM, stabilizer=dict(STABILIZER, update_freq=UPDATE_FREQ),
       update_freq_sweep=list(config['update_freqs']), pace=PACE,
       pullback_sweep=list(config['pullbacks']),
-      ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine(),
+      ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine_line(),
       wall_seconds=round(wall, 1)))
   path = _common.write_results(args.out, results)
   plot(methods, args.out, f'{corpus_name}, {mode}')
@@ -303,7 +304,7 @@ def main():
     if 'telemetry_at_end' in m:
       print(f'{name} at the last step: ' + ', '.join(
           f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
-  print(f'wrote {path} in {wall:.0f}s ({_common.machine()})')
+  print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 
 
 if __name__ == '__main__':

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,9 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-
 import optax_bema
+
+import _common
 
 COLUMNS = 4096
 LEAVES = 8
@@ -100,8 +100,7 @@ def run_one(offload: bool, n_params: int, update_freq: int,
   kinds = sorted({leaf.sharding.memory_kind
                   for leaf in jax.tree.leaves(state[1])})
   return {
-      'platform': device.platform, 'device_kind': device.device_kind,
-      'n_params': rows * COLUMNS * LEAVES, 'jax': jax.__version__,
+      'machine': _common.machine(), 'n_params': rows * COLUMNS * LEAVES,
       'offload_to_host': offload,
       'state_memory_kinds': kinds,
       'after_init': after_init,
@@ -145,9 +144,8 @@ def parent(args) -> None:
 
   copy_bytes = 4 * device['n_params']
   summary = {
-      'platform': device['platform'], 'device_kind': device['device_kind'],
-      'jax': device['jax'], 'python': platform.python_version(),
-      'n_params': device['n_params'], 'update_freq': args.update_freq,
+      'machine': device['machine'], 'n_params': device['n_params'],
+      'update_freq': args.update_freq,
       'parameter_copy_bytes': copy_bytes,
       'saved_bytes_resident': saved('after_init', 'bytes_in_use'),
       'saved_bytes_peak': saved('after_steps', 'peak_bytes_in_use'),
@@ -171,8 +169,9 @@ def parent(args) -> None:
 
   def gib(x):
     return 'n/a' if x is None else f'{x / GIB:.2f} GiB'
-  print(f"{summary['device_kind']}: {summary['n_params'] / 1e9:.3f}B float32 "
-        f"params, bema(update_freq={args.update_freq})")
+  print(f"{summary['machine']['device']}: "
+        f"{summary['n_params'] / 1e9:.3f}B float32 params, "
+        f'bema(update_freq={args.update_freq})')
   for name, r in runs.items():
     print(f"  state on {name:6s}: resident "
           f"{gib(r['after_init']['bytes_in_use'])}, peak "

@@ -22,6 +22,9 @@ compile time. The JSON also gives the achieved bandwidth, against an
 in-place copy's. ``--steps-per-call`` runs several steps in one call (a
 ``fori_loop``) to time the device without the host's per-call cost.
 
+The contenders and their targets are tables below; the paired timing is
+``_timing``'s, the TRL peer ``_peer``'s.
+
 Usage:
   python benchmarks/overhead.py                      # 1M, 16M, 64M params
   python benchmarks/overhead.py --quick              # CI scale, seconds
@@ -32,26 +35,22 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
-import platform
-import statistics
-import time
-import types
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-import optax_bema
+import _common
+import _timing
+import _transforms
 
 LEARNING_RATE = 1e-3
-# Targets of issue 6 on CPU, as ratios to AdamW's step.
-TARGETS = {('ema', 1): 1.5, ('bema', 1): 1.8, ('pace', 1): 1.35}
-SLOW_FREQ_TARGET = 1.02
-FLOOR_SLACK = 1.10  # DEMA and OUEMA: within 10% of their floors.
+IDLE_FREQ = 400  # a stabilizer's default: most steps do not update it
 
 # name: (width, layers, vocabulary, context); about 12 w^2 per layer.
 SIZES = {
@@ -63,6 +62,10 @@ SIZES = {
     '770M': (1280, 36, 50304, 1024),
     '1B': (2048, 18, 50304, 2048),
 }
+
+
+def _is_shape(x):
+  return isinstance(x, tuple)
 
 
 def transformer_shapes(size: str) -> dict:
@@ -82,105 +85,104 @@ def transformer_shapes(size: str) -> dict:
   return shapes
 
 
+def leaf_shapes(size: str) -> list[tuple[int, ...]]:
+  return jax.tree.leaves(transformer_shapes(size), is_leaf=_is_shape)
+
+
 def random_tree(shapes, dtype, seed, scale):
-  is_shape = lambda x: isinstance(x, tuple)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return treedef.unflatten(
       [(scale * jax.random.normal(k, s, jnp.float32)).astype(dtype)
        for k, s in zip(keys, leaves)])
 
 
-def configs(names=None):
-  """(name, update_freq, optimizer, extra transfers) for every contender.
+class Transfers(NamedTuple):
+  """The fewest parameter-sized transfers an update makes beyond AdamW's.
 
-  The extra transfers are the fewest an update can make beyond AdamW's, as
-  (reads of the iterate in the params' dtype, averages read or written in
-  their float32 dtype).
+  Attributes:
+    iterate: reads of the iterate, in the params' dtype.
+    averages: reads or writes of averages, in their float32.
+    state: transfers of the state bytes it holds beyond AdamW's, in their
+      own dtypes (PACE's moments and EMA take its ``accumulator_dtype``).
   """
-  # AdamW against itself: the ratio a shared, noisy machine reports for zero
-  # overhead, the floor against which to read the others.
-  out = [('adamw', 1, optax.adamw(LEARNING_RATE), (0, 0))]
-  extras = {'ema': (1, 2), 'bema': (1, 2), 'dema': (1, 4), 'ouema': (1, 3)}
-  for name, extra in extras.items():
-    for freq in (1, 400):
-      stab = getattr(optax_bema, name)(update_freq=freq)
-      out.append((name, freq, optax.chain(optax.adamw(LEARNING_RATE), stab),
-                  extra if freq == 1 else (0, 0)))
-  if hasattr(optax_bema, 'pace'):
-    out.append(('pace', 1, optax_bema.pace(LEARNING_RATE, pullback=0.15,
-                                           ema_power=0.2), (0, 2)))
-  if names:
-    out = [c for c in out if c[0] in names or f'{c[0]}{c[1]}' in names]
-  return out
+  iterate: int = 0
+  averages: int = 0
+  state: int = 0
+
+  def bytes_per_param(self, param_bytes, extra_state_bytes):
+    return (self.iterate * param_bytes + self.averages * 4
+            + self.state * extra_state_bytes)
 
 
-def make_step(tx, steps_per_call=1):
-  def step(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+class Contender(NamedTuple):
+  """A transform timed against AdamW, and the transfers it should add."""
+  name: str
+  transform: optax.GradientTransformation
+  extra: Transfers
+  update_freq: int = 1
 
-  def steps(params, opt_state, grads):
-    # Several steps per call leave out the host's per-call cost (about a
-    # microsecond or two per array) and time the device alone.
-    return jax.lax.fori_loop(0, steps_per_call,
-                             lambda _, c: step(*c, grads), (params, opt_state))
-  return jax.jit(step if steps_per_call == 1 else steps,
-                 donate_argnums=(0, 1))
+  @property
+  def label(self) -> str:
+    return f'{self.name}{self.update_freq}'
 
 
-class Contender:
-  """One optimizer's compiled step and the buffers it runs on."""
-
-  def __init__(self, tx, params, grads, dump=None, steps_per_call=1):
-    state = tx.init(params)
-    self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    self.carry = (jax.tree.map(jnp.copy, params), state)
-    self.grads = grads
-    start = time.perf_counter()
-    self.steps_per_call = steps_per_call
-    self.compiled = make_step(tx, steps_per_call).lower(
-        *self.carry, grads).compile()
-    self.compile_s = time.perf_counter() - start
-    cost = self.compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    self.hlo_bytes = float(cost.get('bytes accessed', float('nan')))
-    if dump:
-      with open(dump, 'w') as f:
-        f.write(self.compiled.as_text())
-    self.run(2)
-
-  def run(self, steps: int) -> tuple[float, float]:
-    """Wall and process CPU seconds per step, synchronised at the end."""
-    start, cpu = time.perf_counter(), time.process_time()
-    carry = self.carry
-    for _ in range(steps):
-      carry = self.compiled(*carry, self.grads)
-    jax.block_until_ready(carry)
-    self.carry = carry
-    steps *= self.steps_per_call
-    return ((time.perf_counter() - start) / steps,
-            (time.process_time() - cpu) / steps)
-
-  def release(self):
-    jax.tree.map(lambda x: x.delete(), self.carry)
+def _stabilized(name, update_freq, extra=Transfers()) -> Contender:
+  """``optax.adamw`` then the named stabilizer, as a user trains with it."""
+  return Contender(name, _transforms.training(name, LEARNING_RATE,
+                                              update_freq=update_freq),
+                   extra, update_freq)
 
 
-def paired_rounds(base, other, rounds, steps):
-  """Per-round (base, other) seconds per step, alternating who goes first."""
-  times = []
-  for r in range(rounds):
-    if r % 2:
-      t_other, t_base = other.run(steps), base.run(steps)
-    else:
-      t_base, t_other = base.run(steps), other.run(steps)
-    times.append((t_base, t_other))
-  return times
+def contenders(names=()) -> list[Contender]:
+  """Every contender, or those named by name or label (``ema``, ``bema1``)."""
+  out = [
+      # AdamW against itself: the ratio a shared, noisy machine reports for
+      # zero overhead, the floor against which to read the others.
+      Contender('adamw', optax.adamw(LEARNING_RATE), Transfers()),
+      _stabilized('ema', 1, Transfers(iterate=1, averages=2)),
+      _stabilized('ema', IDLE_FREQ),
+      _stabilized('bema', 1, Transfers(iterate=1, averages=2)),
+      _stabilized('bema', IDLE_FREQ),
+      _stabilized('dema', 1, Transfers(iterate=1, averages=4)),
+      _stabilized('dema', IDLE_FREQ),
+      _stabilized('ouema', 1, Transfers(iterate=1, averages=3)),
+      _stabilized('ouema', IDLE_FREQ),
+      # Its own moments and EMA, each read and written once.
+      Contender('pace', _transforms.training('pace', LEARNING_RATE),
+                Transfers(state=2)),
+  ]
+  return [c for c in out if not names or c.name in names or c.label in names]
 
 
-def quartiles(xs):
-  q = np.percentile(xs, [25, 50, 75])
-  return float(q[0]), float(q[1]), float(q[2])
+class Target(NamedTuple):
+  """A bound on a contender's ratio to AdamW's step."""
+  ratio: float
+  over_floor: bool = False  # the bound is then ratio times the memory floor
+
+  def bound(self, floor: float) -> float:
+    return round(floor * self.ratio, 3) if self.over_floor else self.ratio
+
+
+# Within 10% of the ratio that its memory traffic alone allows.
+NEAR_FLOOR = Target(1.10, over_floor=True)
+# A stabilizer that is not due on a step should cost about nothing on it.
+IDLE_STEP = Target(1.02)
+# The targets on CPU, by contender label; a label not listed is held
+# NEAR_FLOOR, and the AdamW control has none.
+TARGETS = {
+    'adamw1': None,
+    # fixed budgets, updated every step
+    'ema1': Target(1.5), 'bema1': Target(1.8), 'pace1': Target(1.35),
+    'dema1': NEAR_FLOOR, 'ouema1': NEAR_FLOOR,
+    **{f'{name}{IDLE_FREQ}': IDLE_STEP for name in _transforms.STABILIZERS},
+}
+
+
+def target_for(contender: Contender, floor: float) -> Optional[float]:
+  """The ratio the contender should stay under; None for the control."""
+  goal = TARGETS.get(contender.label, NEAR_FLOOR)
+  return None if goal is None else goal.bound(floor)
 
 
 def bench_size(size, dtype, args, log):
@@ -189,11 +191,15 @@ def bench_size(size, dtype, args, log):
   grads = random_tree(shapes, dtype, 1, 1e-3)
   n = sum(x.size for x in jax.tree.leaves(params))
   p_bytes = jnp.dtype(dtype).itemsize
-  dump = (lambda tag: os.path.join(args.dump_hlo, f'{size}_{dtype}_{tag}.txt')
-          ) if args.dump_hlo else (lambda tag: None)
-  base = Contender(optax.adamw(LEARNING_RATE), params, grads, dump('adamw'),
-                   args.steps_per_call)
-  base_bytes = (p_bytes + 2 * p_bytes + base.state_bytes / n * 2)
+
+  def timed_step(tx, tag):
+    dump = args.dump_hlo and os.path.join(args.dump_hlo,
+                                          f'{size}_{dtype}_{tag}.txt')
+    return _timing.TimedStep(tx, params, grads, dump, args.steps_per_call)
+
+  base = timed_step(optax.adamw(LEARNING_RATE), 'adamw')
+  # The gradient read, params and both moments read and written.
+  base_bytes = 3 * p_bytes + 2 * base.state_bytes / n
   t, _ = base.run(3)
   steps = max(2, math.ceil(args.round_s / t / args.steps_per_call))
   log(f'{size} {dtype}: {n / 1e6:.1f}M params in '
@@ -201,42 +207,29 @@ def bench_size(size, dtype, args, log):
       f'({base_bytes:.0f} B/param: {base_bytes * n / t / 1e9:.0f} GB/s), '
       f'{steps} steps per round')
   rows = []
-  for name, freq, tx, (theta_reads, avg_transfers) in configs(args.configs):
-    other = Contender(tx, params, grads, dump(f'{name}{freq}'),
-                      args.steps_per_call)
-    times = paired_rounds(base, other, args.rounds, steps)
+  for contender in contenders(args.configs):
+    other = timed_step(contender.transform, contender.label)
+    timing = _timing.compare(functools.partial(base.run, steps),
+                             functools.partial(other.run, steps), args.rounds)
     other.release()
-    ratios = [o[0] / b[0] for b, o in times]
-    q1, ratio, q3 = quartiles(ratios)
-    t_base = statistics.median(b[0] for b, _ in times)
-    t_other = statistics.median(o[0] for _, o in times)
-    cpu_ratio = statistics.median(o[1] / b[1] for b, o in times)
-    extra = theta_reads * p_bytes + avg_transfers * 4
-    if name == 'pace':  # its own moments and EMA, each read and written once
-      extra = 3 * p_bytes + 2 * other.state_bytes / n - base_bytes
+    state_bytes = (other.state_bytes - base.state_bytes) / n
+    extra = contender.extra.bytes_per_param(p_bytes, state_bytes)
     floor = (base_bytes + extra) / base_bytes
-    if name == 'adamw':
-      target = None
-    elif freq != 1:
-      target = SLOW_FREQ_TARGET
-    elif (name, freq) in TARGETS:
-      target = TARGETS[(name, freq)]
-    else:
-      target = round(floor * FLOOR_SLACK, 3)
+    target = target_for(contender, floor)
+    base_s, other_s = timing['adamw_ms_step'] / 1e3, timing['ms_step'] / 1e3
     rows.append(dict(
-        size=size, params=n, dtype=str(jnp.dtype(dtype)), name=name,
-        update_freq=freq, ratio=ratio, ratio_q1=q1, ratio_q3=q3,
-        cpu_ratio=cpu_ratio,
-        ms_step=1e3 * t_other, adamw_ms_step=1e3 * t_base,
-        adamw_gb_s=base_bytes * n / t_base / 1e9,
-        extra_gb_s=(extra * n / max(t_other - t_base, 1e-9) / 1e9
+        size=size, params=n, dtype=str(jnp.dtype(dtype)),
+        name=contender.name, update_freq=contender.update_freq, **timing,
+        adamw_gb_s=base_bytes * n / base_s / 1e9,
+        extra_gb_s=(extra * n / max(other_s - base_s, 1e-9) / 1e9
                     if extra else None),
-        state_bytes_per_param=(other.state_bytes - base.state_bytes) / n,
+        state_bytes_per_param=state_bytes,
         adamw_state_bytes_per_param=base.state_bytes / n,
-        compile_s=other.compile_s, extra_compile_s=other.compile_s
-        - base.compile_s, hlo_ratio=other.hlo_bytes / base.hlo_bytes,
+        compile_s=other.compile_s,
+        extra_compile_s=other.compile_s - base.compile_s,
+        hlo_ratio=other.hlo_bytes / base.hlo_bytes,
         floor=floor, target=target,
-        met=None if target is None else bool(ratio <= target),
+        met=None if target is None else bool(timing['ratio'] <= target),
         rounds=args.rounds, steps_per_round=steps,
         steps_per_call=args.steps_per_call))
     log(format_row(rows[-1]))
@@ -260,107 +253,6 @@ def format_row(r):
           f"{r['ms_step']:8.3f} {r['adamw_ms_step']:8.3f} {r['floor']:5.2f} "
           f"{r['hlo_ratio']:5.2f} {target:>7} "
           f"{r['state_bytes_per_param']:7.1f} {r['extra_compile_s']:+7.2f}s")
-
-
-# --- peer: TRL's BEMACallback against a torch AdamW step -------------------
-
-
-def bench_peer(size, args, log):
-  """TRL's BEMA update (every step) against torch.optim.AdamW's step."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
-  from trl.trainer.callbacks import BEMACallback  # pylint: disable=import-outside-toplevel
-
-  class Config(transformers.PretrainedConfig):
-    model_type = 'overhead_benchmark'
-
-    def __init__(self, shapes=(), **kwargs):
-      super().__init__(**kwargs)
-      self.shapes = [list(s) for s in shapes]
-
-  class Model(transformers.PreTrainedModel):
-    """The same leaves as the JAX run; TRL copies the model by its config."""
-    config_class = Config
-
-    def __init__(self, config):
-      super().__init__(config)
-      self.weights = torch.nn.ParameterList(
-          [torch.nn.Parameter(0.02 * torch.randn(s)) for s in config.shapes])
-
-  torch.set_num_threads(os.cpu_count())
-  is_shape = lambda x: isinstance(x, tuple)
-  model = Model(Config(jax.tree.leaves(transformer_shapes(size),
-                                       is_leaf=is_shape)))
-  for p in model.parameters():
-    p.grad = 1e-3 * torch.randn_like(p)
-  n = sum(p.numel() for p in model.parameters())
-  # fused: what Hugging Face Trainer runs by default (adamw_torch_fused).
-  opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)
-  callback = BEMACallback(update_freq=1)
-  state = types.SimpleNamespace(global_step=0)  # all the callback reads
-  control = None
-  targs = None
-  callback.on_train_begin(targs, state, control, model=model)
-
-  def adamw_step():
-    with torch.no_grad():
-      opt.step()
-
-  def bema_step():
-    with torch.no_grad():
-      opt.step()
-      state.global_step += 1
-      callback.on_step_end(targs, state, control, model=model)
-
-  def timed(fn, steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-      fn()
-    return (time.perf_counter() - start) / steps
-
-  for fn in (adamw_step, bema_step):
-    timed(fn, 2)
-  steps = max(2, math.ceil(args.round_s / timed(adamw_step, 2)))
-  times = []
-  for r in range(args.rounds):
-    pair = (adamw_step, bema_step) if r % 2 == 0 else (bema_step, adamw_step)
-    t = {fn.__name__: timed(fn, steps) for fn in pair}
-    times.append((t['adamw_step'], t['bema_step']))
-  q1, ratio, q3 = quartiles([o / b for b, o in times])
-  row = dict(size=size, params=n, dtype='float32', name='trl.bema',
-             update_freq=1, ratio=ratio, ratio_q1=q1, ratio_q3=q3,
-             ms_step=1e3 * statistics.median(o for _, o in times),
-             adamw_ms_step=1e3 * statistics.median(b for b, _ in times),
-             torch=torch.__version__, threads=torch.get_num_threads())
-  log(f"{size:>5} {'float32':>8} {'trl.bema':>9} {1:>4} {ratio:6.3f} "
-      f'[{q1:5.3f},{q3:5.3f}] {row["ms_step"]:8.3f} '
-      f'{row["adamw_ms_step"]:8.3f}   (torch {torch.__version__}, '
-      f'{torch.get_num_threads()} threads)')
-  return row
-
-
-def copy_bandwidth(nbytes: int) -> float:
-  """GB/s of an in-place scale of one large array, bytes read plus written."""
-  f = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-  x = f(jnp.ones(nbytes // 4, jnp.float32))
-  times = []
-  for _ in range(7):
-    start = time.perf_counter()
-    for _ in range(5):
-      x = f(x)
-    x.block_until_ready()
-    times.append((time.perf_counter() - start) / 5)
-  x.delete()
-  return 2 * nbytes / statistics.median(times) / 1e9
-
-
-def machine():
-  dev = jax.devices()[0]
-  return dict(platform=dev.platform, device=dev.device_kind,
-              devices=jax.device_count(), cpu_count=os.cpu_count(),
-              processor=platform.processor() or platform.machine(),
-              python=platform.python_version(), jax=jax.__version__,
-              optax=optax.__version__, optax_bema=optax_bema.__version__)
 
 
 def main(argv=None):
@@ -401,9 +293,9 @@ def main(argv=None):
     print(line, flush=True)
     lines.append(line)
 
-  info = machine()
-  info['copy_gb_s'] = copy_bandwidth(2**30 if info['platform'] == 'gpu'
-                                     else 2**28)
+  info = _common.machine()
+  info['copy_gb_s'] = _timing.copy_bandwidth(
+      2**30 if info['platform'] == 'gpu' else 2**28)
   log(f"{info['device']} ({info['platform']}, {info['cpu_count']} CPUs), "
       f"jax {info['jax']}, optax {info['optax']}; an in-place copy moves "
       f"{info['copy_gb_s']:.0f} GB/s")
@@ -421,8 +313,11 @@ def main(argv=None):
       rows += bench_size(size, jnp.dtype(dtype), args, log)
       save()
   if args.peer:
+    # Only here: it needs the peers extra.
+    import _peer  # pylint: disable=g-import-not-at-top
     for size in args.sizes.split(','):
-      rows.append(bench_peer(size, args, log))
+      rows.append(_peer.bench_peer(size, leaf_shapes(size), LEARNING_RATE,
+                                   args.rounds, args.round_s, log))
       save()
   missed = [r for r in rows if r.get('met') is False]
   log(f'{len(missed)} of {sum(r.get("met") is not None for r in rows)} '

@@ -40,6 +40,7 @@ import optax
 import optax_bema
 
 import _common
+import _transforms
 
 DIM = 20
 SIGMA = 1.0
@@ -74,7 +75,7 @@ def simulate(eigs, eta, steps, seeds, key):
   theta0 = mu + START_OFFSET
   sgd = optax.sgd(eta)
   averages = _common.Averages(
-      _common.make_stabilizers(_common.STABILIZERS, **STABILIZER_HPARAMS))
+      _common.make_stabilizers(_transforms.STABILIZERS, **STABILIZER_HPARAMS))
   pace = optax_bema.pace(eta * SIGMA, **PACE_HPARAMS)
 
   def gradient(theta, noise):
@@ -223,7 +224,8 @@ def main():
                                                eigs=v['eigs'].tolist())
                                        for k, v in PROBLEMS.items()},
                              stabilizers=STABILIZER_HPARAMS, pace=PACE_HPARAMS,
-                             stylised_pace=STYLISED, machine=_common.machine(),
+                             stylised_pace=STYLISED,
+                             machine=_common.machine_line(),
                              wall_seconds=round(time.time() - started, 1)))
   path = _common.write_results(args.out, results)
 

@@ -107,3 +107,17 @@ def test_finetune_smoke(tmp_path):
     assert m['final_eval_loss'] == m['curve'][-1][1]
   assert results['config']['steps'] == methods['adamw']['curve'][-1][0]
   assert (tmp_path / 'out' / 'finetune.png').stat().st_size > 0
+
+
+def test_overhead_tables_agree_with_the_readme():
+  """The contenders' memory floors are the README's; targets name them."""
+  import overhead  # pylint: disable=g-import-not-at-top
+  adamw = 7 * 4  # gradient read; params and both moments read and written
+  pace_state = 4  # PACE's EMA, beyond AdamW's state
+  floors = {c.label: (adamw + c.extra.bytes_per_param(4, pace_state)) / adamw
+            for c in overhead.contenders()}
+  readme = {'adamw1': 1.0, 'ema1': 1.43, 'bema1': 1.43, 'dema1': 1.71,
+            'ouema1': 1.57, 'pace1': 1.29, 'ema400': 1.0, 'bema400': 1.0,
+            'dema400': 1.0, 'ouema400': 1.0}
+  assert floors == pytest.approx(readme, abs=0.005)
+  assert set(overhead.TARGETS) <= set(floors)
