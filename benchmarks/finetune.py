@@ -54,7 +54,7 @@ STABILIZER = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
 UPDATE_FREQ = 10
 SWEPT_STABILIZERS = ('ema', 'bema')
 PACE = dict(pullback=0.15, ema_power=0.2)  # the PACE paper's headline
-ADEMAMIX_ALPHA = 4.0   # SPEC 5's alpha_base, so the baseline differs only
+ADEMAMIX_ALPHA = 4.0   # the report's alpha_base, so the baseline differs only
                        # by the adaptivity
 
 # quick and full share the model and its pretraining, hence the cached

@@ -7,13 +7,14 @@ E||estimate - mu||^2 over steps for the last iterate ("vanilla"), the
 library's EMA, BEMA, OUEMA and DEMA fed the simulated trajectory (see
 ``_common.Averages``), and the library's PACE run on the same quadratic.
 
-The oracles compare simulation with closed form (SPEC sections 3 and 4):
+The oracles compare simulation with closed form (the BEMA paper's Section 3
+and the PACE paper's Prop. 2):
 
 * last iterate: the EXACT discrete formula for SGD,
   ||(I - eta A)^K (theta_0 - mu)||^2
   + eta^2 sigma^2 sum_i (1 - (1 - eta a_i)^{2K}) / (1 - (1 - eta a_i)^2),
-  not the continuous-time Prop. 2, reported beside it as written in SPEC 4
-  (``prop2_as_in_spec``): its noise term is twice the SDE's own;
+  not the continuous-time Prop. 2, reported beside it as printed in the BEMA
+  paper (``prop2_as_printed``): its noise term is twice the SDE's own;
 * the discrete MLE mean(theta_0..theta_{K-1}) + (theta_K - theta_0)/(eta A K):
   sigma^2 Tr(A^-2) / K exactly (Thm. 2's discrete analogue);
 * stylised PACE (Prop. 2 of the PACE paper), the 1-D recursion
@@ -134,8 +135,9 @@ def last_iterate_theory(eigs, eta, steps):
   return float(bias + variance)
 
 
-def prop2_as_in_spec(eigs, eta, steps):
-  """SPEC 4's continuous-time Prop. 2 at T = eta K, for comparison only.
+def prop2_as_printed(eigs, eta, steps):
+  """The BEMA paper's continuous-time Prop. 2 at T = eta K, as printed, for
+  comparison only.
 
   Its noise term is twice the stationary variance eta sigma^2 / (2 a) of the
   SDE it states, and of SGD as eta -> 0; the oracle uses the exact formula.
@@ -150,7 +152,7 @@ def mle_theory(eigs, steps):
 
 
 def stylised_pace_theory(c):
-  """gamma0(c): PACE paper Prop. 2, as SPEC section 3 states it."""
+  """gamma0(c): the PACE paper's Prop. 2, stationary EMA error."""
   eta, beta = STYLISED['eta'], STYLISED['beta']
   a = eta * STYLISED['alpha']
   return float(
@@ -207,7 +209,7 @@ def main():
     oracles.append(dict(
         oracle(f'last_iterate/{problem}', finals['last_iterate'],
                last_iterate_theory(spec['eigs'], spec['eta'], steps)),
-        prop2_as_in_spec=prop2_as_in_spec(spec['eigs'], spec['eta'], steps)))
+        prop2_as_printed=prop2_as_printed(spec['eigs'], spec['eta'], steps)))
     oracles.append(oracle(f'mle/{problem}', finals['mle'],
                           mle_theory(spec['eigs'], steps)))
   for c in STYLISED['gains']:
