@@ -2,8 +2,10 @@
 
 Stabilizers that average the training trajectory without changing it (EMA,
 BEMA, DEMA, OUEMA), as Optax transforms that go last in a chain; PACE, AdamW
-pulled toward its own EMA; the adaptive AdEMAMix; and the model they return
-through :func:`averaged_params`.
+pulled toward its own EMA; the adaptive AdEMAMix; the model they return
+through :func:`averaged_params`; and the tools to choose the average after
+training (:func:`averages`, :func:`profile`, :func:`replay`,
+:func:`posthoc_ema`, :func:`synthesize`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
@@ -12,6 +14,13 @@ from optax_bema._pace import PaceState
 from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
+from optax_bema._posthoc import AveragesState
+from optax_bema._posthoc import Synthesized
+from optax_bema._posthoc import averages
+from optax_bema._posthoc import posthoc_ema
+from optax_bema._posthoc import profile
+from optax_bema._posthoc import replay
+from optax_bema._posthoc import synthesize
 from optax_bema._readout import averaged_params
 from optax_bema._stabilizers import BemaState
 from optax_bema._stabilizers import DemaState
@@ -26,18 +35,25 @@ __version__ = '0.1.0'
 
 __all__ = [
     'AdaptiveAdemamixState',
+    'AveragesState',
     'BemaState',
     'DemaState',
     'EmaState',
     'OuemaState',
     'PaceState',
     'PaceTelemetry',
+    'Synthesized',
     'adaptive_ademamix',
     'averaged_params',
+    'averages',
     'bema',
     'dema',
     'ema',
     'ouema',
     'pace',
     'pace_telemetry',
+    'posthoc_ema',
+    'profile',
+    'replay',
+    'synthesize',
 ]

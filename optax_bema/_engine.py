@@ -75,10 +75,19 @@ class Rule(NamedTuple):
   scalars: tuple[tuple[str, float], ...] = ()
 
 
+class Stabilizer(optax.GradientTransformationExtraArgs):
+  """A stabilizer's transform, which also knows what it computes.
+
+  Attributes (set at construction):
+    kind: ``'ema'``, ``'bema'``, ``'dema'``, ``'ouema'`` (or ``'initial'``).
+    hyperparams: the weight schedule's settings, by argument name; with them
+      :func:`optax_bema.profile` gives the model's weights on the iterates.
+  """
+
+
 def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                update_after, update_freq, min_ema_multiplier,
-               accumulator_dtype, offload_to_host=False,
-               ) -> optax.GradientTransformationExtraArgs:
+               accumulator_dtype, offload_to_host=False) -> Stabilizer:
   """The transform: schedule, predicate and guard around ``rule``."""
   _checks.check_power_law(rule.name, power=ema_power, lag=lag,
                           multiplier=multiplier, floor=min_ema_multiplier)
@@ -122,6 +131,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
 
     def apply(state, fields, due):
       """The fields ``fields`` change where ``due`` and theta_t is finite."""
+      if not fields:  # nothing to update (the theta_0 holder), nothing to guard
+        return {}
       theta = jax.tree.map(
           like_sharding, _tree.as_accumulator(current, accumulator_dtype),
           getattr(state, rule.averages[0]))  # laid out as the state
@@ -166,4 +177,10 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
       state = branch(state, rule.update, due)
     return updates, state._replace(count=t)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  transform = Stabilizer(init_fn, update_fn)
+  transform.kind = rule.name
+  transform.hyperparams = dict(
+      ema_power=ema_power, bias_power=bias_power, lag=lag,
+      multiplier=multiplier, update_after=update_after,
+      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier)
+  return transform

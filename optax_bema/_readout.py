@@ -39,17 +39,19 @@ _READOUTS = {
     _stabilizers.DemaState: lambda state, params: jax.tree.map(
         lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
     _stabilizers.OuemaState: lambda state, params: state.ema,
+    _stabilizers.InitialState: lambda state, params: state.initial_params,
     _pace.PaceState: lambda state, params: state.ema,
 }
 
 
-def averaged_params(opt_state, params):
+def averaged_params(opt_state, params, name=None):
   """The model to evaluate and return: the average an optimizer state holds.
 
-  Finds the single averaging state (EMA, BEMA, DEMA, OUEMA or PACE) anywhere
+  Finds the averaging state (EMA, BEMA, DEMA, OUEMA or PACE) anywhere
   inside ``opt_state`` -- a plain state, ``optax.chain``, ``named_chain``,
   ``MultiSteps``, ``inject_hyperparams``, ``apply_if_finite`` -- and reads
-  its model out. The model is always finite: the averages never take in a
+  its model out; with several (``optax_bema.averages``), ``name`` picks
+  one. The model is always finite: the averages never take in a
   non-finite iterate, and BEMA with ``update_freq=1``, which reads the
   current params, returns its EMA when those are not finite.
 
@@ -59,12 +61,16 @@ def averaged_params(opt_state, params):
     params: the current weights. They give the model its dtypes, layout and
       non-float leaves; BEMA with ``update_freq=1`` also reads their values,
       to hold one parameter-sized copy fewer.
+    name: which of several named averaging states to read: a member of
+      ``optax_bema.averages`` or ``posthoc_ema``, or an element of
+      ``optax.named_chain``; ``None`` when there is only one.
 
   Returns:
     A pytree with the structure, dtypes and shardings of ``params``.
 
   Raises:
-    ValueError: when ``opt_state`` holds no averaging state, or several.
+    ValueError: when ``opt_state`` holds no averaging state (named
+      ``name``), or several and no ``name`` picks one.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_bema
@@ -79,6 +85,12 @@ def averaged_params(opt_state, params):
   state = _tree.find_state(
       opt_state, _READOUTS, caller='averaged_params', what='averaging state',
       missing='Put a stabilizer last in the chain, e.g. optax.chain('
-      'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).')
+      'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).',
+      name=name)
+  return _tree.cast_like_params(model(state, params), params)
+
+
+def model(state, params):
+  """The model of one averaging state, in the state's own dtypes."""
   state = to_device(state)  # an offloaded state is read on the device
-  return _tree.cast_like_params(_READOUTS[type(state)](state, params), params)
+  return _READOUTS[type(state)](state, params)

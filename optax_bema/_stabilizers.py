@@ -55,6 +55,29 @@ class OuemaState(NamedTuple):
   ema: optax.Params
 
 
+class InitialState(NamedTuple):
+  """State of the theta_0 holder inside :func:`optax_bema.posthoc_ema`."""
+  count: jax.Array
+  nonfinite_count: jax.Array
+  initial_params: optax.Params  # theta_0 (the last burn-in step's weights)
+
+
+def initial_params(update_after: int = 0,
+                   accumulator_dtype: Optional[jnp.dtype] = None,
+                   offload_to_host: bool = False) -> _engine.Stabilizer:
+  """Keeps theta_0, the weights at init or at the end of the burn-in.
+
+  The post-hoc tools need theta_0 exactly (BEMA and OUEMA weigh it); this
+  holds it and changes nothing else. Its model is theta_0.
+  """
+  rule = _engine.Rule(name='initial', state_cls=InitialState,
+                      averages=('initial_params',), update=())
+  return _engine.stabilizer(
+      rule, ema_power=0.0, bias_power=0.0, lag=1.0, multiplier=0.0,
+      update_after=update_after, update_freq=1, min_ema_multiplier=0.0,
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+
+
 def _ema_field(name='ema', source=None) -> _engine.Field:
   """``name <- (1 - beta) name + beta x``, x theta_t or another field."""
   def new(w, theta, s):

@@ -110,15 +110,27 @@ def cast_like_params(model, params):
   return jax.tree.map(cast, params, model)
 
 
-def find_state(opt_state, types, *, caller: str, what: str, missing: str):
+def find_state(opt_state, types, *, caller: str, what: str, missing: str,
+               name=None):
   """The one state of a class in ``types`` anywhere inside ``opt_state``.
 
+  With ``name``, only the states held under that dictionary key count (the
+  members of ``optax_bema.averages``, the elements of ``optax.named_chain``).
   Raises ``ValueError`` when there is none (``missing`` says what to do) or
-  several (the message names their paths and how to pass one).
+  several (the message names their paths and how to pick one).
   """
   is_ours = lambda x: type(x) in types  # pylint: disable=unidiomatic-typecheck
   leaves, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=is_ours)
   found = [(path, x) for path, x in leaves if is_ours(x)]
+  if name is not None:
+    names = [path[-1].key for path, _ in found
+             if path and isinstance(path[-1], jax.tree_util.DictKey)]
+    found = [(path, x) for path, x in found if path
+             and isinstance(path[-1], jax.tree_util.DictKey)
+             and path[-1].key == name]
+    if not found:
+      raise ValueError(f'{caller}: opt_state holds no {what} named {name!r}; '
+                       f'the named ones are {names}.')
   if len(found) == 1:
     return found[0][1]
   if not found:
@@ -128,7 +140,8 @@ def find_state(opt_state, types, *, caller: str, what: str, missing: str):
   first = jax.tree_util.keystr(found[0][0])
   raise ValueError(
       f'{caller}: opt_state holds {len(found)} {what}s: {where}. Pass the '
-      f'one to read, e.g. {caller}(opt_state{first}, ...).')
+      f'one to read, e.g. {caller}(opt_state{first}, ...), or its name= '
+      'where it has one.')
 
 
 def require_params(params, name: str):
