@@ -87,8 +87,17 @@ class Stabilizer(optax.GradientTransformationExtraArgs):
 
 def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                update_after, update_freq, min_ema_multiplier,
-               accumulator_dtype, offload_to_host=False) -> Stabilizer:
-  """The transform: schedule, predicate and guard around ``rule``."""
+               accumulator_dtype, offload_to_host=False,
+               bias_multiplier=None) -> Stabilizer:
+  """The transform: schedule, predicate and guard around ``rule``.
+
+  ``bias_multiplier`` (by default ``multiplier``) is gamma in the bias
+  weight's base, alpha_t = (lag + bias_multiplier t) ** -bias_power.
+  """
+  if bias_multiplier is None:
+    bias_multiplier = multiplier
+  _checks.check(rule.name, 'bias_multiplier', bias_multiplier,
+                *_checks.NONNEGATIVE)
   _checks.check_power_law(rule.name, power=ema_power, lag=lag,
                           multiplier=multiplier, floor=min_ema_multiplier)
   _checks.check(rule.name, 'bias_power', bias_power, lambda v: v >= 0,
@@ -142,7 +151,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
           t=jnp.asarray(t, _tree.SCALAR_DTYPE),
           beta=power_law(t, lag=lag, multiplier=multiplier, power=ema_power,
                          floor=min_ema_multiplier),
-          alpha=power_law(t, lag=lag, multiplier=multiplier,
+          alpha=power_law(t, lag=lag, multiplier=bias_multiplier,
                           power=bias_power))
       seen, changed = place.load(state), {}
       for name, new in fields:
@@ -182,5 +191,6 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
   transform.hyperparams = dict(
       ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier)
+      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
+      bias_multiplier=bias_multiplier)
   return transform

@@ -25,7 +25,7 @@ from optax_bema import _tree
 
 # The order of a member's settings in AveragesState.settings.
 _SETTINGS = ('ema_power', 'bias_power', 'lag', 'multiplier', 'update_after',
-             'update_freq', 'min_ema_multiplier')
+             'update_freq', 'min_ema_multiplier', 'bias_multiplier')
 _KINDS = _profiles.KINDS + ('initial',)
 DEFAULT_POSTHOC_POWERS = (0.3, 0.5, 0.9)
 
@@ -35,8 +35,8 @@ class AveragesState(NamedTuple):
 
   ``settings[name]`` is a float32 vector: the member's kind (an index into
   ``('ema', 'bema', 'dema', 'ouema', 'initial')``), then its ema_power,
-  bias_power, lag, multiplier, update_after, update_freq and
-  min_ema_multiplier, so that a saved state alone says which average each
+  bias_power, lag, multiplier, update_after, update_freq,
+  min_ema_multiplier and bias_multiplier, so that a saved state alone says which average each
   member is (:func:`synthesize` reads it).
   """
   members: dict

@@ -39,7 +39,7 @@ KINDS = ('ema', 'bema', 'dema', 'ouema')
 # The transforms' defaults (Table 2 of the BEMA paper), for keys left out.
 DEFAULT_HYPERPARAMS = dict(ema_power=0.5, bias_power=0.2, lag=10.0,
                            multiplier=1.0, update_after=0, update_freq=400,
-                           min_ema_multiplier=0.0)
+                           min_ema_multiplier=0.0, bias_multiplier=None)
 
 
 def _whole(name: str, value, least: int) -> int:
@@ -60,12 +60,15 @@ def _resolve(kind: str, hyperparams: Mapping[str, float]) -> dict:
     raise ValueError(f'profiles: unknown hyperparameters {sorted(unknown)}; '
                      f'known: {sorted(DEFAULT_HYPERPARAMS)}.')
   hp = {**DEFAULT_HYPERPARAMS, **hyperparams}
+  if hp['bias_multiplier'] is None:  # the bias weight shares the EMA's base
+    hp['bias_multiplier'] = hp['multiplier']
   hp['update_after'] = _whole('update_after', hp['update_after'], 0)
   hp['update_freq'] = _whole('update_freq', hp['update_freq'], 1)
-  if kind == 'ouema' and not (hp['bias_power'] > 0 and hp['multiplier'] > 0):
+  if kind == 'ouema' and not (hp['bias_power'] > 0
+                              and hp['bias_multiplier'] > 0):
     raise ValueError(
-        'profiles: ouema needs bias_power > 0 and multiplier > 0 so that '
-        f'p_t = (1 + multiplier t) ** -bias_power < 1; got {hp}.')
+        'profiles: ouema needs bias_power > 0 and bias_multiplier > 0 so '
+        f'that p_t = (1 + bias_multiplier t) ** -bias_power < 1; got {hp}.')
   return hp
 
 
@@ -193,14 +196,16 @@ def profile_weights(kind: str, hyperparams: Mapping[str, float],
     return w
   ema = beta * after
   if kind == 'ouema':
-    p = (1.0 + float(hp['multiplier']) * steps) ** -float(hp['bias_power'])
+    p = ((1.0 + float(hp['bias_multiplier']) * steps)
+         ** -float(hp['bias_power']))
     w[steps] = ema / (1.0 - p)
     w[anchor] += before_all - np.sum(ema * p / (1.0 - p))
     return w
   w[steps] = ema
   w[anchor] += before_all
   if kind == 'bema':
-    alpha = base[-1] ** -float(hp['bias_power'])
+    alpha = ((float(hp['lag']) + float(hp['bias_multiplier']) * steps[-1])
+             ** -float(hp['bias_power']))
     w[steps[-1]] += alpha
     w[anchor] -= alpha
   return w

@@ -159,13 +159,14 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
          update_freq: int = 400, min_ema_multiplier: float = 0.0,
          accumulator_dtype: Optional[jnp.dtype] = None,
          offload_to_host: bool = False,
+         bias_multiplier: Optional[float] = None,
          ) -> optax.GradientTransformationExtraArgs:
   r"""Bias-corrected EMA: EMA's variance reduction without its lag.
 
   On each update step t, with the EMA update of :func:`ema`,
 
   .. math::
-    \alpha_t = (\rho + \gamma t)^{-\eta}, \quad
+    \alpha_t = (\rho + \gamma_\alpha t)^{-\eta}, \quad
     \hat\theta_t = \alpha_t (\theta_t - \theta_0) + \bar\theta_t,
 
   where :math:`\theta_0` are the weights at init (or at the end of the
@@ -197,6 +198,12 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     offload_to_host: keep the parameter-sized state in host memory
       (``memory_kind="pinned_host"``, shardings kept) and move it to the
       accelerator only on update steps, as the BEMA paper does.
+    bias_multiplier: gamma_alpha, the step's factor in alpha_t's base; by
+      default ``multiplier``. A separate value lets alpha_t and beta_t decay
+      on different clocks, e.g. the BEMA paper's theory-matched setting for
+      SGD with step eta on curvature a: ``ema_power=1, lag=1, multiplier=1``
+      (beta_t = 1/(1 + t)) and ``bias_power=1, bias_multiplier=eta * a``
+      (alpha_t close to 1 / (eta a t)).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -232,7 +239,8 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host,
+      bias_multiplier=bias_multiplier)
 
 
 def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
@@ -302,13 +310,14 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
           update_freq: int = 400, min_ema_multiplier: float = 0.0,
           accumulator_dtype: Optional[jnp.dtype] = None,
           offload_to_host: bool = False,
+          bias_multiplier: Optional[float] = None,
           ) -> optax.GradientTransformationExtraArgs:
   r"""Ornstein-Uhlenbeck EMA: averages iterates debiased toward theta_0.
 
   On each update step t, with :math:`\beta_t` as in :func:`ema`,
 
   .. math::
-    p_t = (1 + \gamma t)^{-\eta}, \quad
+    p_t = (1 + \gamma_\alpha t)^{-\eta}, \quad
     x_t = \frac{\theta_t - p_t \theta_0}{1 - p_t}, \quad
     \bar\theta \leftarrow (1-\beta_t) \bar\theta + \beta_t x_t,
 
@@ -318,8 +327,8 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
 
   Args:
     ema_power: kappa, the power of the EMA weight beta_t.
-    bias_power: eta, the power of p_t; must be > 0, and ``multiplier`` > 0,
-      so that p_t < 1.
+    bias_power: eta, the power of p_t; must be > 0, and the multiplier in
+      its base > 0, so that p_t < 1.
     lag: rho, the offset in the EMA weight's base (lag + multiplier * t).
     multiplier: gamma, the step's factor in both bases.
     update_after: tau, the burn-in: until step ``update_after`` theta_0 and
@@ -331,6 +340,8 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       bfloat16/float16 weights and the weights' own dtype otherwise.
     offload_to_host: keep the state's copies in host memory between update
       steps.
+    bias_multiplier: gamma_alpha, the step's factor in p_t's base; by default
+      ``multiplier``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -352,13 +363,16 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Section 3
     and Appendix C: the OU-model estimator).
   """
-  for name, value in (('bias_power', bias_power), ('multiplier', multiplier)):
+  if bias_multiplier is None:
+    bias_multiplier = multiplier
+  for name, value in (('bias_power', bias_power),
+                      ('bias_multiplier', bias_multiplier)):
     _checks.check('ouema', name, value, lambda v: v > 0,
-                  'be > 0 (p_t = (1 + multiplier t) ** -bias_power must stay '
-                  'below 1)')
+                  'be > 0 (p_t = (1 + bias_multiplier t) ** -bias_power must '
+                  'stay below 1)')
 
   def debiased(w, theta, s):
-    p = _engine.power_law(w.t, lag=1.0, multiplier=multiplier,
+    p = _engine.power_law(w.t, lag=1.0, multiplier=bias_multiplier,
                           power=bias_power)
     x = jax.tree.map(
         lambda x, x0: (x - p.astype(x.dtype) * x0) / (1 - p.astype(x.dtype)),
@@ -372,4 +386,5 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
       multiplier=multiplier, update_after=update_after,
       update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host,
+      bias_multiplier=bias_multiplier)

@@ -20,6 +20,10 @@ ONLINE = {
     'dema': optax_bema.dema(update_after=7, update_freq=3, ema_power=0.6),
     'ouema': optax_bema.ouema(update_after=7, update_freq=3),
     'bema_every_step': optax_bema.bema(update_freq=1),
+    # alpha_t on its own clock: the theory-matched setting for SGD.
+    'bema_two_clocks': optax_bema.bema(ema_power=1.0, lag=1.0, bias_power=1.0,
+                                       bias_multiplier=0.05, update_freq=2),
+    'ouema_two_clocks': optax_bema.ouema(bias_multiplier=0.3, update_freq=2),
 }
 
 
@@ -64,7 +68,7 @@ def test_averages_members_equal_each_stabilizer_alone(online_run):
 
 def test_several_averages_need_a_name(online_run):
   params, state, _ = online_run
-  with pytest.raises(ValueError, match='5 averaging states.*name='):
+  with pytest.raises(ValueError, match='7 averaging states.*name='):
     optax_bema.averaged_params(state, params)
   with pytest.raises(ValueError, match="named 'nope'.*'bema'"):
     optax_bema.averaged_params(state, params, name='nope')
