@@ -106,7 +106,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                          update_freq=update_freq)
   place = OnHost if offload_to_host else OnDevice
   # An update every step needs no branch: one fused, masked pass.
-  every_step = _checks.is_static(update_freq) and int(update_freq) == 1
+  every_step = _checks.is_static(update_freq) and update_freq == 1
   # Without a burn-in its branch would never be taken; don't build it.
   has_burn_in = not (_checks.is_static(update_after) and int(update_after) == 0)
   reset = tuple(Field(n) for n in rule.averages) + tuple(

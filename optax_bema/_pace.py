@@ -222,7 +222,7 @@ def pace(
   # optax.adamw's own pieces, in its order: pullback=0 reproduces it exactly.
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   decay = optax.add_decayed_weights(weight_decay, mask)
-  every_step = _checks.is_static(update_freq) and int(update_freq) == 1
+  every_step = _checks.is_static(update_freq) and update_freq == 1
   cap = 1.0 if clip_pullback else float('inf')
 
   def init_fn(params):

@@ -226,7 +226,7 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
     1; defaults from its Table 2).
   """
-  reads_params = _checks.is_static(update_freq) and int(update_freq) == 1
+  reads_params = _checks.is_static(update_freq) and update_freq == 1
   update = (_ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
   if not reads_params:
     update += (_engine.Field('last_iterate'),)

@@ -102,34 +102,3 @@ def test_each_step_is_ademamix_with_that_steps_alpha():
     jax.tree.map(np.testing.assert_array_equal, new_state[0].ademamix,
                  want_state[0])
     state, params = new_state, optax.apply_updates(params, updates)
-
-
-def test_inject_hyperparams_gives_identical_iterates():
-  rng = np.random.default_rng(3)
-  grads = [{'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-            'b': jnp.asarray(rng.normal(size=2), jnp.float32)}
-           for _ in range(10)]
-  hyper = dict(learning_rate=optax.linear_schedule(1e-3, 1e-2, 5),
-               alpha=5.0, weight_decay=0.1, variance_decay=0.9)
-  want, _ = run(optax_bema.adaptive_ademamix(**hyper), grads, PARAMS)
-  # Static betas, so 1 - b is rounded as in the plain optimizer.
-  got, states = run(optax.inject_hyperparams(
-      optax_bema.adaptive_ademamix, static_args=('b1', 'b2', 'b3'))(**hyper),
-                    grads, PARAMS)
-  jax.tree.map(np.testing.assert_array_equal, got[-1], want[-1])
-  assert float(states[-1].hyperparams['alpha']) == 5.0
-
-
-@pytest.mark.parametrize('kwargs, message', [
-    (dict(b3=1.0), 'b3'),
-    (dict(b1=-0.1), 'b1'),
-    (dict(variance_decay=1.0), 'variance_decay'),
-    (dict(alpha=-1.0), 'alpha'),
-    (dict(eps=-1e-8), 'eps'),
-    (dict(weight_decay=-0.01), 'weight_decay'),
-    (dict(clip_norm=0.0), 'clip_norm'),
-    (dict(learning_rate=-1e-3), 'learning_rate'),
-])
-def test_bad_hyperparameters_raise_at_construction(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    optax_bema.adaptive_ademamix(**dict(dict(learning_rate=1e-3), **kwargs))
