@@ -13,6 +13,8 @@ import optax_bema
 STABILIZERS = ('ema', 'bema', 'dema', 'ouema')
 OPTIMIZERS = ('pace', 'adaptive_ademamix')
 NAMES = STABILIZERS + OPTIMIZERS
+# Several averages in one transform, last in the chain like a stabilizer.
+COMBINED = ('posthoc_ema',)
 # bias_power means nothing to EMA and DEMA; passing it would be an error.
 _TAKES_BIAS_POWER = ('bema', 'ouema')
 # PACE has no default pullback or EMA power: the paper's headline setting.
@@ -44,4 +46,7 @@ def training(name: str, learning_rate=1e-3,
   if name in STABILIZERS:
     return optax.chain(optax.adamw(learning_rate),
                        stabilizer(name, **hyperparams))
+  if name in COMBINED:
+    return optax.chain(optax.adamw(learning_rate),
+                       getattr(optax_bema, name)(**hyperparams))
   return optimizer(name, learning_rate, **hyperparams)

@@ -80,6 +80,8 @@ class Stabilizer(optax.GradientTransformationExtraArgs):
 
   Attributes (set at construction):
     kind: ``'ema'``, ``'bema'``, ``'dema'``, ``'ouema'`` (or ``'initial'``).
+    update_given_finite: ``update`` with the iterate's non-finite test
+      done once for several stabilizers (``optax_bema.averages``).
     hyperparams: the weight schedule's settings, by argument name; with them
       :func:`optax_bema.profile` gives the model's weights on the iterates.
   """
@@ -110,7 +112,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
   # Without a burn-in its branch would never be taken; don't build it.
   has_burn_in = not (_checks.is_static(update_after) and int(update_after) == 0)
   reset = tuple(Field(n) for n in rule.averages) + tuple(
-      Field(n, lambda w, theta, s, v=v: jnp.asarray(v, _tree.SCALAR_DTYPE))
+      Field(n, lambda w, theta, s, v=v:  # type: ignore[misc]
+            jnp.asarray(v, _tree.SCALAR_DTYPE))
       for n, v in rule.scalars)
 
   def init_fn(params):
@@ -124,7 +127,15 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
+    return update_given_finite(updates, state, params, None)
+
+  def update_given_finite(updates, state, params, finite):
+    """``update_fn``; ``finite``, if given, says whether theta_t (in the
+    default accumulator dtype) is finite, so that several averages of one
+    iterate test it once. It is used where this update runs every step."""
     _tree.require_params(params, rule.name)
+    if accumulator_dtype is not None or not every_step:
+      finite = None
     # A state that arrives elsewhere (e.g. restored from a checkpoint without
     # memory kinds) moves once; otherwise this is a no-op.
     state = state._replace(**place.store(
@@ -138,6 +149,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
     # bfloat16 params made out here would be written out on every step.
     current = optax.apply_updates(params, updates)
 
+    shared_finite = finite
+
     def apply(state, fields, due):
       """The fields ``fields`` change where ``due`` and theta_t is finite."""
       if not fields:  # nothing to update (the theta_0 holder), nothing to guard
@@ -145,7 +158,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
       theta = jax.tree.map(
           like_sharding, _tree.as_accumulator(current, accumulator_dtype),
           getattr(state, rule.averages[0]))  # laid out as the state
-      finite = _tree.all_finite(theta)
+      finite = (_tree.all_finite(theta) if shared_finite is None
+                else shared_finite)
       ok = due & finite
       weights = Weights(
           t=jnp.asarray(t, _tree.SCALAR_DTYPE),
@@ -187,6 +201,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
     return updates, state._replace(count=t)
 
   transform = Stabilizer(init_fn, update_fn)
+  transform.update_given_finite = update_given_finite
   transform.kind = rule.name
   transform.hyperparams = dict(
       ema_power=ema_power, bias_power=bias_power, lag=lag,

@@ -36,8 +36,8 @@ class AveragesState(NamedTuple):
   ``settings[name]`` is a float32 vector: the member's kind (an index into
   ``('ema', 'bema', 'dema', 'ouema', 'initial')``), then its ema_power,
   bias_power, lag, multiplier, update_after, update_freq,
-  min_ema_multiplier and bias_multiplier, so that a saved state alone says which average each
-  member is (:func:`synthesize` reads it).
+  min_ema_multiplier and bias_multiplier, so that a saved state alone says
+  which average each member is (:func:`synthesize` reads it).
   """
   members: dict
   settings: dict
@@ -112,8 +112,11 @@ def averages(**members: _engine.Stabilizer
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     _tree.require_params(params, 'averages')
+    # One test of theta_t for every member that updates on every step.
+    finite = _tree.all_finite(_tree.as_accumulator(
+        optax.apply_updates(params, updates), None))
     return updates, state._replace(members={
-        k: m.update(updates, state.members[k], params)[1]
+        k: m.update_given_finite(updates, state.members[k], params, finite)[1]
         for k, m in members.items()})
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -164,8 +167,9 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS, lag: float = 10.0,
     Diffusion Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2,
     Section 3 and the appendix on post-hoc EMA).
   """
-  shared = dict(accumulator_dtype=accumulator_dtype,
-                offload_to_host=offload_to_host, update_after=update_after)
+  shared: dict = dict(accumulator_dtype=accumulator_dtype,
+                      offload_to_host=offload_to_host,
+                      update_after=update_after)
   members = {f'ema_power={float(p):g}': _stabilizers.ema(
       ema_power=p, lag=lag, multiplier=multiplier, update_freq=1, **shared)
              for p in ema_powers}
@@ -376,7 +380,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
   coefficients, residuals = _profiles.fit(wanted, np.stack(columns),
                                           ridge=ridge)
   # Pass 2: one weighted sum per target, a snapshot at a time.
-  sums = None
+  sums: Any = None
   for i, (opt_state, params) in enumerate(snapshots):
     tracked = _tree.find_state(opt_state, (AveragesState,),
                                caller='synthesize', what='averages state',

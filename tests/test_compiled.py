@@ -84,6 +84,8 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
     # The averages are float32 under bfloat16 weights: a cast on the way in.
     out[f'{name}-freq1-after0-bfloat16'] = (name, 'bfloat16',
                                             dict(update_freq=1))
+  # Three EMAs and theta_0 with one shared non-finite test.
+  out['posthoc_ema'] = ('posthoc_ema', 'float32', {})
   out['pace'] = ('pace', 'float32', {})
   out['pace-bfloat16'] = ('pace', 'bfloat16', {})
   return out
