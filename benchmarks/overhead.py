@@ -44,6 +44,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+import optax_bema
 
 import _common
 import _timing
@@ -151,6 +152,17 @@ def contenders(names=()) -> list[Contender]:
       # Its own moments and EMA, each read and written once.
       Contender('pace', _transforms.training('pace', LEARNING_RATE),
                 Transfers(state=2)),
+      # Several averages in one transform read the iterate once; each EMA
+      # reads and writes its own copy: (8 + 2K) / 7 of AdamW's traffic.
+      *(Contender(f'averages{k}', optax.chain(
+          optax.adamw(LEARNING_RATE), optax_bema.averages(**{
+              f'ema{i}': optax_bema.ema(ema_power=0.3 + 0.3 * i,
+                                        update_freq=1) for i in range(k)})),
+                  Transfers(iterate=1, averages=2 * k)) for k in (2, 3)),
+      # Its three EMAs; theta_0 is held, never touched.
+      Contender('posthoc_ema', optax.chain(optax.adamw(LEARNING_RATE),
+                                           optax_bema.posthoc_ema()),
+                Transfers(iterate=1, averages=6)),
   ]
   return [c for c in out if not names or c.name in names or c.label in names]
 
