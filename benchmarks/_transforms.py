@@ -15,18 +15,20 @@ OPTIMIZERS = ('pace', 'adaptive_ademamix')
 NAMES = STABILIZERS + OPTIMIZERS
 # Several averages in one transform, last in the chain like a stabilizer.
 COMBINED = ('posthoc_ema',)
-# bias_power means nothing to EMA and DEMA; passing it would be an error.
+# The bias weight means nothing to EMA and DEMA; passing it would be an error.
 _TAKES_BIAS_POWER = ('bema', 'ouema')
 # PACE has no default pullback or EMA power: the paper's headline setting.
 PACE_DEFAULTS = dict(pullback=0.15, ema_power=0.2)
 
 
 def stabilizer(name: str, **hyperparams) -> optax.GradientTransformation:
-  """The named stabilizer; ``bias_power`` is dropped where it means nothing."""
+  """The named stabilizer; the bias weight's settings are dropped where they
+  mean nothing."""
   if name not in STABILIZERS:
     raise ValueError(f'no stabilizer named {name!r}; one of {STABILIZERS}')
   if name not in _TAKES_BIAS_POWER:
     hyperparams.pop('bias_power', None)
+    hyperparams.pop('bias_multiplier', None)
   return getattr(optax_bema, name)(**hyperparams)
 
 

@@ -36,9 +36,11 @@ def reference_models(kind, theta0, thetas, steps=None, **hp):
       theta0 = e1 = e2 = returned = theta
     elif (t - hp['update_after']) % hp['update_freq'] == 0:
       beta = max(base ** -hp['ema_power'], hp['min_ema_multiplier'])
-      alpha = base ** -hp['bias_power']
+      # alpha_t and p_t may run on their own clock (bias_multiplier).
+      clock = hp.get('bias_multiplier', hp['multiplier']) * t
+      alpha = (hp['lag'] + clock) ** -hp['bias_power']
       if kind == 'ouema':
-        p = (1 + hp['multiplier'] * t) ** -hp['bias_power']
+        p = (1 + clock) ** -hp['bias_power']
         theta = (theta - p * theta0) / (1 - p)
       e1 = (1 - beta) * e1 + beta * theta
       e2 = (1 - beta) * e2 + beta * e1
@@ -67,6 +69,8 @@ SETTINGS = [
     dict(update_freq=1, update_after=4, lag=2.0, multiplier=0.5,
          min_ema_multiplier=0.2, ema_power=0.7, bias_power=0.3),
     dict(update_freq=4, lag=1.0, ema_power=1.0),
+    dict(update_freq=2, lag=1.0, ema_power=1.0, bias_power=1.0,
+         bias_multiplier=0.05),
 ]
 
 
