@@ -172,8 +172,9 @@ def _scale_by_adaptive_ademamix(b1, b2, b3, alpha, eps, variance_decay,
                                * (v + (1 - rho.astype(v.dtype)) * d**2)),
         state.grad_variance, delta)
     noise = _tree.tree_sum(variance)
-    noise_fraction = noise / (noise + _tree.tree_sum(jax.tree.map(jnp.square, mean))
-                              + jnp.finfo(_tree.SCALAR_DTYPE).tiny)
+    noise_fraction = noise / (
+        noise + _tree.tree_sum(jax.tree.map(jnp.square, mean))
+        + jnp.finfo(_tree.SCALAR_DTYPE).tiny)
     base = alpha(state.ademamix.count_m2) if callable(alpha) else alpha
     alpha_t = jnp.asarray(base, _tree.SCALAR_DTYPE) * (1 + noise_fraction)
     scaled, ademamix_state = ademamix(alpha_t).update(updates,

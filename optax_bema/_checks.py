@@ -14,7 +14,6 @@ from typing import Callable
 import jax
 import numpy as np
 
-
 # Conditions met by most hyperparameters: (ok, what it demands in words).
 NONNEGATIVE = (lambda v: v >= 0, 'be >= 0')
 DECAY = (lambda v: 0 <= v < 1, 'lie in [0, 1)')

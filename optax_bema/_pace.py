@@ -44,7 +44,7 @@ class PaceGain(NamedTuple):
 
 class PaceState(NamedTuple):
   """State of :func:`pace`: three parameter-sized copies and scalars."""
-  count: jax.Array             # steps taken, int32, saturating
+  count: jax.Array  # type: ignore[assignment]  # steps taken, int32, saturating
   nonfinite_count: jax.Array   # EMA updates skipped for a non-finite iterate
   mu: optax.Updates            # Adam's first moment
   nu: optax.Updates            # Adam's second moment
@@ -200,7 +200,8 @@ def pace(
     ...   updates, state = jax.jit(tx.update)(grads, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> model = optax_bema.averaged_params(state, params)
-    >>> model['w'].shape, float(optax_bema.pace_telemetry(state).clipped_fraction)
+    >>> telemetry = optax_bema.pace_telemetry(state)
+    >>> model['w'].shape, float(telemetry.clipped_fraction)
     ((3,), 0.0)
 
   References:

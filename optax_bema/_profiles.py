@@ -48,7 +48,7 @@ def _whole(name: str, value, least: int) -> int:
       or not float(value).is_integer() or value < least):
     raise ValueError(f'profiles: {name} must be an integer >= {least}, '
                      f'got {value!r}.')
-  return int(value)
+  return int(value)  # type: ignore[call-overload]  # a whole Real
 
 
 def _resolve(kind: str, hyperparams: Mapping[str, float]) -> dict:
@@ -59,7 +59,7 @@ def _resolve(kind: str, hyperparams: Mapping[str, float]) -> dict:
   if unknown:  # a misspelt key would otherwise silently take its default
     raise ValueError(f'profiles: unknown hyperparameters {sorted(unknown)}; '
                      f'known: {sorted(DEFAULT_HYPERPARAMS)}.')
-  hp = {**DEFAULT_HYPERPARAMS, **hyperparams}
+  hp: dict = {**DEFAULT_HYPERPARAMS, **hyperparams}
   if hp['bias_multiplier'] is None:  # the bias weight shares the EMA's base
     hp['bias_multiplier'] = hp['multiplier']
   hp['update_after'] = _whole('update_after', hp['update_after'], 0)

@@ -20,7 +20,7 @@ from optax_bema import _tree
 
 class EmaState(NamedTuple):
   """State of :func:`ema`: one parameter-sized copy."""
-  count: jax.Array            # steps seen, int32, saturating
+  count: jax.Array  # type: ignore[assignment]  # steps seen, int32, saturating
   nonfinite_count: jax.Array  # update steps skipped for a non-finite iterate
   ema: optax.Params
 
@@ -31,7 +31,7 @@ class BemaState(NamedTuple):
   ``last_iterate`` is theta at the last update step; it is ``None`` when
   ``update_freq=1``, where the current params are that iterate.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   nonfinite_count: jax.Array
   initial_params: optax.Params       # theta_0
   ema: optax.Params
@@ -41,7 +41,7 @@ class BemaState(NamedTuple):
 
 class DemaState(NamedTuple):
   """State of :func:`dema`: two parameter-sized copies."""
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   nonfinite_count: jax.Array
   ema: optax.Params
   ema_of_ema: optax.Params
@@ -49,7 +49,7 @@ class DemaState(NamedTuple):
 
 class OuemaState(NamedTuple):
   """State of :func:`ouema`: two parameter-sized copies."""
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   nonfinite_count: jax.Array
   initial_params: optax.Params  # theta_0
   ema: optax.Params
@@ -57,7 +57,7 @@ class OuemaState(NamedTuple):
 
 class InitialState(NamedTuple):
   """State of the theta_0 holder inside :func:`optax_bema.posthoc_ema`."""
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   nonfinite_count: jax.Array
   initial_params: optax.Params  # theta_0 (the last burn-in step's weights)
 
@@ -227,7 +227,8 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     1; defaults from its Table 2).
   """
   reads_params = _checks.is_static(update_freq) and update_freq == 1
-  update = (_ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
+  update: tuple[_engine.Field, ...] = (
+      _ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
   if not reads_params:
     update += (_engine.Field('last_iterate'),)
   rule = _engine.Rule(
