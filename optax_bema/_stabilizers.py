@@ -131,14 +131,15 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     ``optax_bema.averaged_params(opt_state, params)``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.ema(update_freq=1))
-    >>> params = {'w': jnp.ones(3)}
-    >>> state = tx.init(params)
-    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> optax_bema.averaged_params(state, params)['w'].shape
-    (3,)
+    One SGD step from 0 to 1: at step 1, beta_1 = (10 + 1) ** -0.5.
+
+    >>> import jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(1.0), optax_bema.ema(update_freq=1))
+    >>> params = jnp.zeros(2)
+    >>> updates, state = tx.update(-jnp.ones(2), tx.init(params), params)
+    >>> model = optax_bema.averaged_params(state, params + updates)
+    >>> print(model, 11 ** -0.5)
+    [0.30151135 0.30151135] 0.30151134457776363
 
   References:
     Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
@@ -212,14 +213,21 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     ``optax_bema.averaged_params(opt_state, params)``.
 
   Examples:
+    After two steps 0 -> 1 -> 3 the EMA lags; BEMA adds
+    alpha_2 (theta_2 - theta_0) with alpha_2 = 12 ** -0.2.
+
     >>> import jax, jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.bema(update_freq=1))
-    >>> params = {'w': jnp.ones(3)}
-    >>> state = tx.init(params)
-    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> optax_bema.averaged_params(state, params)['w'].shape
-    (3,)
+    >>> tx = optax.chain(optax.sgd(1.0), optax_bema.averages(
+    ...     ema=optax_bema.ema(update_freq=1),
+    ...     bema=optax_bema.bema(update_freq=1)))
+    >>> params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
+    >>> for grad in (-1.0, -2.0):
+    ...   updates, state = jax.jit(tx.update)(jnp.asarray(grad), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> ema, bema = (float(optax_bema.averaged_params(state, params, name=k))
+    ...              for k in ('ema', 'bema'))
+    >>> round(ema, 4), round(bema - ema, 4), round(3 * 12 ** -0.2, 4)
+    (1.0805, 1.8251, 1.8251)
 
   References:
     Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
@@ -282,14 +290,16 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     the model with ``optax_bema.averaged_params(opt_state, params)``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.dema(update_freq=1))
-    >>> params = {'w': jnp.ones(3)}
-    >>> state = tx.init(params)
-    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> optax_bema.averaged_params(state, params)['w'].shape
-    (3,)
+    One SGD step from 0 to 1: e1 = beta, e2 = beta ** 2, so the model is
+    2 beta - beta ** 2 with beta = 11 ** -0.5.
+
+    >>> import jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(1.0), optax_bema.dema(update_freq=1))
+    >>> params = jnp.zeros(())
+    >>> updates, state = tx.update(-jnp.ones(()), tx.init(params), params)
+    >>> model = optax_bema.averaged_params(state, params + updates)
+    >>> round(float(model), 5), round(2 * 11 ** -0.5 - 1 / 11, 5)
+    (0.51211, 0.51211)
 
   References:
     Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
@@ -350,14 +360,17 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     the model with ``optax_bema.averaged_params(opt_state, params)``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.adamw(1e-2), optax_bema.ouema(update_freq=1))
-    >>> params = {'w': jnp.ones(3)}
-    >>> state = tx.init(params)
-    >>> updates, state = jax.jit(tx.update)({'w': jnp.ones(3)}, state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> optax_bema.averaged_params(state, params)['w'].shape
-    (3,)
+    From theta_0 = 1, a step to 2: x_1 = (2 - p_1) / (1 - p_1) with
+    p_1 = 2 ** -0.2, and the model is beta_1 x_1 + (1 - beta_1) theta_0.
+
+    >>> import jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(1.0), optax_bema.ouema(update_freq=1))
+    >>> params = jnp.ones(())
+    >>> updates, state = tx.update(-jnp.ones(()), tx.init(params), params)
+    >>> model = float(optax_bema.averaged_params(state, params + updates))
+    >>> p, beta = 2 ** -0.2, 11 ** -0.5
+    >>> round(model, 4), round(beta * (2 - p) / (1 - p) + (1 - beta), 4)
+    (3.3292, 3.3292)
 
   References:
     Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate
