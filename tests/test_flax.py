@@ -1,4 +1,4 @@
-"""The README's Flax examples, run: Linen's TrainState and nnx.Optimizer.
+"""The Flax examples of the docs (scaling out), run: Linen's TrainState and nnx.Optimizer.
 
 The averaged model each one evaluates is checked against the paper's
 formulas applied, in numpy, to the weights the training loop produced.
