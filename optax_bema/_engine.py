@@ -102,8 +102,8 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
                 *_checks.NONNEGATIVE)
   _checks.check_power_law(rule.name, power=ema_power, lag=lag,
                           multiplier=multiplier, floor=min_ema_multiplier)
-  _checks.check(rule.name, 'bias_power', bias_power, lambda v: v >= 0,
-                'be >= 0', allow_inf=True)
+  _checks.check(rule.name, 'bias_power', bias_power, *_checks.NONNEGATIVE,
+                allow_inf=True)  # inf: no bias correction, i.e. EMA
   _checks.check_schedule(rule.name, update_after=update_after,
                          update_freq=update_freq)
   place = OnHost if offload_to_host else OnDevice
