@@ -86,9 +86,10 @@ def machine_line(info: Mapping[str, object] | None = None) -> str:
           'device(s))')
 
 
-def write_results(out_dir: str, results: dict) -> str:
+def write_results(out_dir: str, results: dict,
+                  name: str = 'results.json') -> str:
   os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, 'results.json')
+  path = os.path.join(out_dir, name)
   with open(path, 'w') as f:
     json.dump(results, f, indent=1)
   return path

@@ -2,21 +2,30 @@
 
 A small byte-level transformer (``_lm.py``) is pretrained on the standard
 library's source (cached, so re-runs skip it), then fine-tuned on the text of
-``pydoc_data.topics`` (or ``--text FILE``) with a small batch and a constant
-learning rate, the noisy regime the averaging papers target. Every method is
-judged by the held-out loss of the model it would RETURN:
+``pydoc_data.topics`` (or ``--text FILE``) with a small batch, the noisy
+regime the averaging papers target. Every method is judged by the held-out
+loss of the model it would RETURN:
 
-* ``adamw``: the last iterate of AdamW.
+* ``adamw``: the last iterate of AdamW at a constant rate, and
+  ``adamw/cosine``, ``adamw/wsd`` with the PACE paper's decay schedules
+  (``_schedules.py``; every run shares the same linear warmup).
 * ``ema``, ``bema``, ``ouema``, ``dema``: the library's stabilizers over that
-  SAME AdamW trajectory (one run; each step's updates are handed to every
-  stabilizer, see ``_common.Averages``), plus ``ema``/``bema`` at other
-  ``update_freq`` values (``bema/f=1`` ...), free on the same trajectory.
-* ``pace``: ``optax_bema.pace``'s EMA, and ``pace/pullback=c`` a sweep.
+  SAME constant-rate AdamW trajectory (one run; each step's updates are
+  handed to every stabilizer, see ``_common.Averages``), ``ema``/``bema`` at
+  other ``update_freq`` values (``bema/f=1`` ...), and ``ema/cosine``,
+  ``ema/wsd`` over the scheduled runs, all free on those trajectories.
+* ``pace``: ``optax_bema.pace``'s EMA at a constant rate, ``pace/wsd``, and
+  ``pace/pullback=c`` a sweep.
+* ``schedule_free``: ``optax.contrib.schedule_free_adamw`` at the same peak
+  rate and warmup, evaluated at ``schedule_free_eval_params``.
 * ``adaptive_ademamix`` against the report's baselines, ``adamw`` and plain
   ``ademamix`` (``optax.contrib.ademamix``).
 
-Every method sees the same batches (per seed), the same constant learning
-rate and global-norm clipping at 1.0, so each difference is the method's.
+The full study repeats the schedules, PACE and Schedule-Free at three
+learning rates. Every method sees the same batches (per seed), warmup and
+global-norm clipping at 1.0, so each difference is the method's. Each
+method's steps to reach AdamW's final loss measure acceleration, and the
+papers' claims get a verdict by the rule in ``_claims.py``.
 
   python benchmarks/finetune.py --quick --out benchmarks/results/finetune
 """
@@ -31,15 +40,18 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax_bema
 import tqdm
 
+import _claims
 import _common
-import _transforms
+import _finetune_report
 import _lm
+import _posthoc_lm
+import _schedules
+import _transforms
 
 LEARNING_RATE = 1e-3   # PACE's headline lr and the AdEMAMix report's
 WEIGHT_DECAY = 0.01    # the papers' and the report's
@@ -56,24 +68,36 @@ SWEPT_STABILIZERS = ('ema', 'bema')
 PACE = dict(pullback=0.15, ema_power=0.2)  # the PACE paper's headline
 ADEMAMIX_ALPHA = 4.0   # the report's alpha_base, so the baseline differs only
                        # by the adaptivity
+# What PACE at a constant rate must beat: AdamW and its EMA at every schedule.
+BASELINES = tuple(f'{m}{"" if s == "constant" else "/" + s}'
+                  for m in ('adamw', 'ema') for s in _schedules.SCHEDULES)
+SWEPT_METHODS = BASELINES + ('pace', 'pace/wsd', 'schedule_free')
 
 # quick and full share the model and its pretraining, hence the cached
-# checkpoint; full runs longer, on more seeds, with a larger evaluation set.
+# checkpoint; full runs longer, on more seeds and rates, with a larger
+# evaluation set, and adds pace/wsd (no claim needs it; quick stays within
+# its budget without it). The sweeps of update_freq and pullback run at the
+# base rate.
 _MODEL = _lm.ModelConfig(width=128, layers=2, heads=4, context=64)
 _PRETRAIN = dict(corpus_bytes=2_000_000, steps=600, batch=32,
                  learning_rate=3e-3)
-_SWEEPS = dict(update_freqs=(1, 3, 10, 30), pullbacks=(0.0, 0.05, 0.15, 0.5))
+_PACE_BOTH = ('constant', 'wsd')
 CONFIGS = {
     'full': dict(model=_MODEL, pretrain=_PRETRAIN, steps=1000, batch=8,
-                 eval_every=50, eval_windows=128, seeds=3, **_SWEEPS),
+                 eval_every=50, eval_windows=128, seeds=3,
+                 learning_rates=(3e-4, 1e-3, 3e-3), pace_schedules=_PACE_BOTH,
+                 update_freqs=(1, 3, 10, 30), pullbacks=(0.0, 0.15)),
     'quick': dict(model=_MODEL, pretrain=_PRETRAIN, steps=300, batch=8,
-                  eval_every=25, eval_windows=64, seeds=2, **_SWEEPS),
+                  eval_every=25, eval_windows=64, seeds=2,
+                  learning_rates=(LEARNING_RATE,), pace_schedules=('constant',),
+                  update_freqs=(1, 3, 10, 30), pullbacks=(0.15,)),
     # For the tests: every code path in seconds, numbers meaningless.
     'smoke': dict(
         model=_lm.ModelConfig(width=32, layers=1, heads=2, context=16),
         pretrain=dict(corpus_bytes=50_000, steps=4, batch=4,
                       learning_rate=3e-3),
-        steps=4, batch=2, eval_every=2, eval_windows=4, seeds=1,
+        steps=6, batch=2, eval_every=2, eval_windows=4, seeds=2,
+        learning_rates=(1e-3, 3e-3), pace_schedules=_PACE_BOTH,
         update_freqs=(1, 10), pullbacks=(0.15,)),
 }
 
@@ -99,30 +123,63 @@ def _live(state, params):
   return params
 
 
-def runs(config) -> list[Run]:
+def _schedule_free_params(state, params):
+  return optax.contrib.schedule_free_eval_params(state[1], params)
+
+
+def _pace_telemetry(state):
+  return optax_bema.pace_telemetry(state)._asdict()
+
+
+def runs(config, learning_rate: float, base: bool) -> list[Run]:
+  """Every run at ``learning_rate``; ``base`` adds the sweeps and AdEMAMix."""
   clip = optax.clip_by_global_norm(CLIP_NORM)
-  stabilizers = _common.make_stabilizers(_transforms.STABILIZERS,
-                                       update_freq=UPDATE_FREQ, **STABILIZER)
-  for f in config['update_freqs']:
-    if f != UPDATE_FREQ:
-      stabilizers.update(_common.make_stabilizers(
-          SWEPT_STABILIZERS, suffix=f'/f={f}', update_freq=f, **STABILIZER))
-  out = [Run('adamw', optax.chain(clip, optax.adamw(
-      LEARNING_RATE, weight_decay=WEIGHT_DECAY)), _live,
-             _common.Averages(stabilizers))]
-  for c in config['pullbacks']:
-    name = 'pace' if c == PACE['pullback'] else f'pace/pullback={c}'
+
+  def rate(schedule):
+    return _schedules.learning_rate(learning_rate, schedule, config['steps'])
+
+  def suffix(schedule):
+    return '' if schedule == 'constant' else '/' + schedule
+
+  out = []
+  for schedule in _schedules.SCHEDULES:
+    if schedule == 'constant':
+      stabilizers = _common.make_stabilizers(
+          _transforms.STABILIZERS, update_freq=UPDATE_FREQ, **STABILIZER)
+      for f in config['update_freqs'] if base else ():
+        if f != UPDATE_FREQ:
+          stabilizers.update(_common.make_stabilizers(
+              SWEPT_STABILIZERS, suffix=f'/f={f}', update_freq=f,
+              **STABILIZER))
+    else:
+      stabilizers = _common.make_stabilizers(
+          ('ema',), suffix=suffix(schedule), update_freq=UPDATE_FREQ,
+          **STABILIZER)
+    out.append(Run('adamw' + suffix(schedule), optax.chain(clip, optax.adamw(
+        rate(schedule), weight_decay=WEIGHT_DECAY)), _live,
+                   _common.Averages(stabilizers)))
+  pace_runs = [('pace' + suffix(schedule), schedule, PACE['pullback'])
+               for schedule in config['pace_schedules']]
+  pace_runs += [(f'pace/pullback={c}', 'constant', c)
+                for c in (config['pullbacks'] if base else ())
+                if c != PACE['pullback']]
+  for name, schedule, c in pace_runs:
     out.append(Run(name, optax.chain(clip, optax_bema.pace(
-        LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-        **dict(PACE, pullback=c))), optax_bema.averaged_params,
-                   telemetry=lambda s: optax_bema.pace_telemetry(s)._asdict()))
-  # adaptive_ademamix clips inside (its clip_norm), before measuring noise.
-  out.append(Run('adaptive_ademamix', optax_bema.adaptive_ademamix(
-      LEARNING_RATE, alpha=ADEMAMIX_ALPHA, weight_decay=WEIGHT_DECAY,
-      clip_norm=CLIP_NORM), _live, telemetry=lambda s: {
-          k: optax.tree.get(s, k) for k in ('noise_fraction', 'alpha')}))
-  out.append(Run('ademamix', optax.chain(clip, optax.contrib.ademamix(
-      LEARNING_RATE, alpha=ADEMAMIX_ALPHA, weight_decay=WEIGHT_DECAY)), _live))
+        rate(schedule), weight_decay=WEIGHT_DECAY, **dict(PACE, pullback=c))),
+                   optax_bema.averaged_params, telemetry=_pace_telemetry))
+  out.append(Run('schedule_free', optax.chain(
+      clip, optax.contrib.schedule_free_adamw(
+          rate('constant'), weight_decay=WEIGHT_DECAY)),
+                 _schedule_free_params))
+  if base:
+    # adaptive_ademamix clips inside (its clip_norm), before measuring noise.
+    out.append(Run('adaptive_ademamix', optax_bema.adaptive_ademamix(
+        rate('constant'), alpha=ADEMAMIX_ALPHA, weight_decay=WEIGHT_DECAY,
+        clip_norm=CLIP_NORM), _live, telemetry=lambda s: {
+            k: optax.tree.get(s, k) for k in ('noise_fraction', 'alpha')}))
+    out.append(Run('ademamix', optax.chain(clip, optax.contrib.ademamix(
+        rate('constant'), alpha=ADEMAMIX_ALPHA,
+        weight_decay=WEIGHT_DECAY)), _live))
   return out
 
 
@@ -136,6 +193,9 @@ def trainer(run: Run, model, eval_set, eval_every):
   def loss(p, windows):
     return _lm.loss_fn(model, p, windows)
 
+  # One program per seed, not one vmapped over seeds: under vmap the
+  # stabilizers' update-step branches become selects that run both sides,
+  # which compiles about 4x slower and steps slower on CPU.
   @jax.jit
   def step(params, state, average_states, windows):
     grads = jax.grad(loss)(params, windows)
@@ -147,10 +207,11 @@ def trainer(run: Run, model, eval_set, eval_every):
   def evaluate(params, state, average_states):
     models = run.averages.models(average_states, params)
     models[run.name] = run.readout(state, params)
-    # One vmapped evaluation over the stacked models compiles once, not once
-    # per model.
+    # One evaluation mapped over the stacked models compiles once, not once
+    # per model; lax.map holds one model's activations at a time, which on
+    # CPU is about twice as fast as vmap.
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *models.values())
-    losses = jax.vmap(loss, in_axes=(0, None))(stacked, eval_set)
+    losses = jax.lax.map(lambda p: loss(p, eval_set), stacked)
     return dict(zip(models, losses))
 
   def train(params, batches, bar):
@@ -170,17 +231,22 @@ def trainer(run: Run, model, eval_set, eval_every):
 
 
 def aggregate(per_seed: list[dict], telemetry: dict) -> dict:
-  """Mean curve over seeds; final loss mean, std and per seed; telemetry
+  """Mean curve over seeds; final loss mean, std and per seed; steps to
+  reach AdamW's final loss (per seed: that seed's AdamW); telemetry
   (``telemetry[name]``: one ``{field: value}`` per seed) averaged."""
+  targets = [seed['adamw'][-1][1] for seed in per_seed]
   methods = {}
   for name in per_seed[0]:
-    curves = np.array([seed[name] for seed in per_seed])  # seed, point, 2
-    finals = curves[:, -1, 1]
+    c = np.array([seed[name] for seed in per_seed])  # seed, point, 2
+    finals = c[:, -1, 1]
+    reached = [_claims.steps_to_target(seed, target)
+               for seed, target in zip(c, targets)]
     methods[name] = dict(
         final_eval_loss=float(finals.mean()),
         final_eval_loss_std=float(finals.std()),
         final_eval_loss_per_seed=finals.tolist(),
-        curve=[[int(s), float(v)] for s, v in curves.mean(0)])
+        steps_to_target_per_seed=reached,
+        curve=[[int(s), float(v)] for s, v in c.mean(0)])
     if name in telemetry:
       methods[name]['telemetry_at_end'] = {
           k: float(np.mean([seed[k] for seed in telemetry[name]]))
@@ -188,43 +254,26 @@ def aggregate(per_seed: list[dict], telemetry: dict) -> dict:
   return methods
 
 
-def table(methods: dict, baseline: str = 'adamw') -> str:
-  """Final losses, best first. The difference to AdamW is paired by seed
-  (the same batches), so its spread is much smaller than the losses'."""
-  base = np.array(methods[baseline]['final_eval_loss_per_seed'])
-
-  def spread(values):
-    return f'+-{np.std(values):.4f}' if len(values) > 1 else ''
-  lines = [f'{"method":22s} {"final eval loss":>17s} '
-           f'{"vs adamw (paired)":>19s} {"best on curve":>13s}']
-  for name, m in sorted(methods.items(),
-                        key=lambda kv: kv[1]['final_eval_loss']):
-    finals = np.array(m['final_eval_loss_per_seed'])
-    diff = finals - base
-    best = min(v for _, v in m['curve'])
-    lines.append(f'{name:22s} {finals.mean():8.4f} {spread(finals):>8s} '
-                 f'{diff.mean():+10.4f} {spread(diff):>8s} {best:13.4f}')
-  return '\n'.join(lines)
-
-
-def plot(methods: dict, out_dir: str, title: str) -> str:
-  curves = {k: v['curve'] for k, v in methods.items()}
-  panels = {
-      'methods': [k for k in curves if '/' not in k],
-      'update_freq sweep': [k for k in curves if k.split('/')[0]
-                            in SWEPT_STABILIZERS],
-      'pullback sweep': [k for k in curves if k.split('/')[0] == 'pace'],
-  }
-  fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.5))
-  for ax, (what, names) in zip(axes, panels.items()):
-    _common.plot_curves(ax, {k: curves[k] for k in sorted(names)},
-                        title=f'{title}: {what}',
-                        ylabel='held-out loss of returned model (nats/byte)')
-    # The first points (the pretrained model on new text) dwarf the rest.
-    tail = ([v for k in names for _, v in curves[k][2:]]
-            or [v for k in names for _, v in curves[k]])
-    ax.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
-  return _common.save_figure(fig, out_dir, 'finetune.png')
+def study(config, params, model, eval_set, seed_batches, desc) -> dict:
+  """``{lr: {method: results}}`` over the configured learning rates."""
+  base_lr = config['base_lr']
+  plan = {lr: runs(config, lr, base=lr == base_lr)
+          for lr in config['learning_rates']}
+  total = sum(map(len, plan.values())) * config['seeds'] * config['steps']
+  by_lr = {}
+  with tqdm.tqdm(total=total, desc=desc) as bar:
+    for lr, lr_runs in plan.items():
+      per_seed, telemetry = [{} for _ in seed_batches], {}
+      for run in lr_runs:
+        train = trainer(run, model, eval_set, config['eval_every'])
+        for seed, batches in enumerate(seed_batches):
+          bar.set_postfix(lr=lr, method=run.name, seed=seed, refresh=False)
+          curves, telemetry_at_end = train(params, batches, bar)
+          per_seed[seed].update(curves)
+          if run.telemetry:
+            telemetry.setdefault(run.name, []).append(telemetry_at_end)
+      by_lr[lr] = aggregate(per_seed, telemetry)
+  return by_lr
 
 
 def main():
@@ -236,14 +285,24 @@ def main():
                       'pydoc_data.topics (its last 10%% is held out)')
   parser.add_argument('--seeds', type=int, help='seeds (override)')
   parser.add_argument('--steps', type=int, help='fine-tuning steps (override)')
+  parser.add_argument('--lr', type=float, help='one peak learning rate '
+                      'instead of the configuration\'s (override)')
   parser.add_argument('--cache', default=os.path.join(
       os.path.expanduser('~'), '.cache', 'optax_bema'),
                       help='where the pretrained checkpoint is cached')
+  parser.add_argument('--posthoc', action='store_true', help='instead of the '
+                      'comparison, choose the average after training '
+                      '(_posthoc_lm.py); writes OUT/posthoc.json')
   args = parser.parse_args()
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
   config = dict(CONFIGS[mode])
   config['seeds'] = args.seeds or config['seeds']
   config['steps'] = args.steps or config['steps']
+  if args.lr:
+    config['learning_rates'] = (args.lr,)
+  rates = config['learning_rates']
+  # The base rate carries the sweeps and AdEMAMix: the papers' 1e-3 when run.
+  config['base_lr'] = LEARNING_RATE if LEARNING_RATE in rates else rates[0]
   started = time.time()
 
   model = _lm.Transformer(config['model'])
@@ -259,8 +318,17 @@ def main():
   eval_set = _lm.eval_windows(held_out, config['eval_windows'], context)
   if len(train_bytes) <= context + 1 or not len(eval_set):
     parser.error(f'{corpus_name} is too short for context {context}')
+  if args.posthoc:  # the AdamW run at the base rate, trained once per seed
+    adamw = next(r.tx for r in runs(config, config['base_lr'], base=False)
+                 if r.name == 'adamw')
+    _posthoc_lm.main(
+        args.out, mode, config, model, params, adamw, corpus, corpus_name,
+        base=STABILIZER, update_freq=UPDATE_FREQ, training=dict(
+            learning_rate=config['base_lr'], schedule='constant',
+            warmup_steps=_schedules.warmup_steps(config['steps']),
+            weight_decay=WEIGHT_DECAY, clip_norm=CLIP_NORM))
+    return
 
-  all_runs = runs(config)
   # Fixed per seed, so every method sees the same batches in the same order.
   seed_batches = []
   for seed in range(config['seeds']):
@@ -268,42 +336,62 @@ def main():
     seed_batches.append([
         _lm.sample_batch(rng, train_bytes, config['batch'], context)
         for _ in range(config['steps'])])
-  per_seed, telemetry = [{} for _ in seed_batches], {}
-  with tqdm.tqdm(total=config['seeds'] * len(all_runs) * config['steps'],
-                 desc=f'fine-tuning on {corpus_name}') as bar:
-    for run in all_runs:
-      train = trainer(run, model, eval_set, config['eval_every'])
-      for seed, batches in enumerate(seed_batches):
-        bar.set_postfix(method=run.name, seed=seed, refresh=False)
-        curves, telemetry_at_end = train(params, batches, bar)
-        per_seed[seed].update(curves)
-        if run.telemetry:
-          telemetry.setdefault(run.name, []).append(telemetry_at_end)
+  by_lr = study(config, params, model, eval_set, seed_batches,
+                f'fine-tuning on {corpus_name}')
 
-  methods = aggregate(per_seed, telemetry)
+  base_lr = config['base_lr']
+  methods = by_lr[base_lr]
+  never = config['steps'] + config['eval_every']
+  evidence = _claims.Evidence(
+      {lr: {k: m['final_eval_loss_per_seed'] for k, m in ms.items()}
+       for lr, ms in by_lr.items()},
+      {lr: {k: m['steps_to_target_per_seed'] for k, m in ms.items()}
+       for lr, ms in by_lr.items()}, base_lr, never)
+  claims = _claims.claims(evidence, BASELINES)
   wall = time.time() - started
-  results = dict(methods=methods, config=dict(
-      mode=mode, model=dataclasses.asdict(config['model']),
-      pretrain=dict(config['pretrain'], corpus='stdlib source',
-                    held_out_loss=pretrained_loss),
-      finetune_corpus=corpus_name, steps=config['steps'],
-      batch=config['batch'], eval_every=config['eval_every'],
-      eval_windows=len(eval_set), seeds=config['seeds'],
-      learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-      clip_norm=CLIP_NORM, stabilizer=dict(STABILIZER, update_freq=UPDATE_FREQ),
-      update_freq_sweep=list(config['update_freqs']), pace=PACE,
-      pullback_sweep=list(config['pullbacks']),
-      ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine_line(),
-      wall_seconds=round(wall, 1)))
+  results = dict(
+      methods=methods,
+      learning_rate_sweep={f'{lr:g}': {k: {f: m[f] for f in (
+          'final_eval_loss', 'final_eval_loss_std',
+          'final_eval_loss_per_seed', 'steps_to_target_per_seed')}
+                                       for k, m in ms.items()}
+                           for lr, ms in by_lr.items()},
+      claims=claims,
+      config=dict(
+          mode=mode, model=dataclasses.asdict(config['model']),
+          pretrain=dict(config['pretrain'], corpus='stdlib source',
+                        held_out_loss=pretrained_loss),
+          finetune_corpus=corpus_name, steps=config['steps'],
+          batch=config['batch'], eval_every=config['eval_every'],
+          eval_windows=len(eval_set), seeds=config['seeds'],
+          learning_rate=base_lr, learning_rates=list(rates),
+          schedules=dict(names=list(_schedules.SCHEDULES),
+                         warmup_steps=_schedules.warmup_steps(config['steps']),
+                         wsd_decay_fraction=_schedules.DECAY_FRACTION),
+          acceleration_target='per seed, the final loss of adamw (constant '
+                              f'rate) at the same lr; never = {never}',
+          weight_decay=WEIGHT_DECAY, clip_norm=CLIP_NORM,
+          stabilizer=dict(STABILIZER, update_freq=UPDATE_FREQ),
+          update_freq_sweep=list(config['update_freqs']), pace=PACE,
+          pullback_sweep=list(config['pullbacks']),
+          ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine_line(),
+          wall_seconds=round(wall, 1)))
   path = _common.write_results(args.out, results)
-  plot(methods, args.out, f'{corpus_name}, {mode}')
+  _finetune_report.plot(results, args.out, f'{corpus_name}, {mode}',
+                        SWEPT_METHODS, BASELINES)
   print(f'\npretrained model, held-out stdlib loss {pretrained_loss:.4f}; '
-        f'{config["steps"]} fine-tuning steps, {config["seeds"]} seed(s)')
-  print(table(methods))
+        f'{config["steps"]} fine-tuning steps, {config["seeds"]} seed(s), '
+        f'lr {base_lr:g}')
+  print(_finetune_report.table(methods, never))
+  if len(rates) > 1:
+    print('\n' + _finetune_report.sweep_table(results['learning_rate_sweep'],
+                                              SWEPT_METHODS, BASELINES))
   for name, m in methods.items():
     if 'telemetry_at_end' in m:
       print(f'{name} at the last step: ' + ', '.join(
           f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
+  print('\nclaims (verdict rule: benchmarks/_claims.py)\n'
+        + _claims.table(claims))
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 
 

@@ -7,6 +7,16 @@ E||estimate - mu||^2 over steps for the last iterate ("vanilla"), the
 library's EMA, BEMA, OUEMA and DEMA fed the simulated trajectory (see
 ``_common.Averages``), and the library's PACE run on the same quadratic.
 
+The stabilizers run twice over the A = I trajectory: with the BEMA paper's
+language-model defaults (its Table 2), and theory-matched (``.../theory``):
+the EMA weight beta_t = 1/t, a running mean, and the bias weight
+alpha_t = 1/(eta a t), Thm. 2's estimator's (lag 0 in both bases; a lag of 1
+would give 1/(1 + eta a t), far below it until eta a t >> 1), so that BEMA
+tracks the MLE over the whole run (the paper's Fig. 2); OUEMA
+debiases with p_t close to exp(-eta a t), the OU model's decay of the
+start. A single clock matches one curvature only, so the ill-conditioned
+problem runs the defaults alone.
+
 The oracles compare simulation with closed form (the BEMA paper's Section 3
 and the PACE paper's Prop. 2):
 
@@ -47,14 +57,31 @@ DIM = 20
 SIGMA = 1.0
 START_OFFSET = 3.0      # theta_0 = mu + 3 in every coordinate: ||.||^2 = 180
 # Paper Fig. 2 is A = I; the second problem has condition number 100.
+# ``curvature`` a, where one exists, sets the theory-matched stabilizers.
 PROBLEMS = {
-    'isotropic': dict(eigs=np.ones(DIM), eta=0.01),
+    'isotropic': dict(eigs=np.ones(DIM), eta=0.01, curvature=1.0),
     'ill_conditioned': dict(eigs=np.logspace(0.0, -2.0, DIM), eta=0.1),
 }
 # The BEMA paper's Table 2 defaults, but updating every step: on a quadratic
 # every step is cheap and the stabilizers' schedules are in absolute steps.
 STABILIZER_HPARAMS = dict(ema_power=0.5, bias_power=0.2, lag=10.0,
                           multiplier=1.0, update_freq=1)
+# OUEMA's p_t = (1 + gamma_alpha t)^-power with power = OU_POWER and
+# gamma_alpha = eta a / OU_POWER never differs from the OU model's own decay
+# exp(-eta a t) by more than 0.003 (a power law can only approach it).
+OU_POWER = 100.0
+
+
+def theory_hparams(eta, curvature):
+  """Per stabilizer: beta_t = 1/t (lag 0: the running mean of theta_1 ..
+  theta_t); BEMA's alpha_t = 1/(eta a t), Thm. 2's weight; OUEMA's p_t close
+  to exp(-eta a t), the OU model's decay of the start."""
+  common = dict(ema_power=1.0, lag=0.0, multiplier=1.0, update_freq=1)
+  return dict(
+      ema=common,
+      bema=dict(common, bias_power=1.0, bias_multiplier=eta * curvature),
+      ouema=dict(common, bias_power=OU_POWER,
+                 bias_multiplier=eta * curvature / OU_POWER))
 # PACE's paper headline pullback, with the stabilizers' ema_power so its EMA
 # window matches theirs. Near mu its Adam denominator is the gradient's RMS,
 # about sigma, so it acts like SGD with step lr / sigma: lr = eta * sigma
@@ -64,7 +91,7 @@ PACE_HPARAMS = dict(pullback=0.15, ema_power=0.5, weight_decay=0.0)
 STYLISED = dict(eta=0.1, alpha=1.0, beta=0.05, gains=(0.0, 0.05))
 
 
-def simulate(eigs, eta, steps, seeds, key):
+def simulate(eigs, eta, steps, seeds, key, curvature=None):
   """Runs every method on ``seeds`` independent noise sequences.
 
   Returns ``(curves, finals)``: ``curves[name]`` is E||estimate - mu||^2 after
@@ -75,8 +102,13 @@ def simulate(eigs, eta, steps, seeds, key):
   mu = jnp.ones(DIM)
   theta0 = mu + START_OFFSET
   sgd = optax.sgd(eta)
-  averages = _common.Averages(
-      _common.make_stabilizers(_transforms.STABILIZERS, **STABILIZER_HPARAMS))
+  stabilizers = _common.make_stabilizers(_transforms.STABILIZERS,
+                                         **STABILIZER_HPARAMS)
+  if curvature is not None:
+    stabilizers.update({
+        f'{k}/theory': _transforms.stabilizer(k, **hparams)
+        for k, hparams in theory_hparams(eta, curvature).items()})
+  averages = _common.Averages(stabilizers)
   pace = optax_bema.pace(eta * SIGMA, **PACE_HPARAMS)
 
   def gradient(theta, noise):
@@ -190,6 +222,50 @@ def thin(curve, points=200):
   return [[int(s), float(curve[s - 1])] for s in steps]
 
 
+def fig2_ordering(curves) -> dict:
+  """Where the BEMA paper's Fig. 2 order, theory-matched BEMA < OUEMA <
+  EMA, holds over the logged steps of the A = I run."""
+  names = [f'{k}/theory' for k in ('bema', 'ouema', 'ema')]
+  steps = [s for s, _ in curves[names[0]]]
+  values = np.array([[v for _, v in curves[k]] for k in names])
+  holds = (values[0] < values[1]) & (values[1] < values[2])
+  broken = np.flatnonzero(~holds)
+  start = broken[-1] + 1 if broken.size else 0  # the order's last onset
+  return dict(order=names, fraction_of_steps=float(holds.mean()),
+              holds_from_step=int(steps[start]) if start < len(steps)
+              else None,
+              mle_theory_at_end=mle_theory(PROBLEMS['isotropic']['eigs'],
+                                           steps[-1]),
+              at_end={k: float(v[-1][1]) for k, v in curves.items()})
+
+
+def plot(curves, steps, seeds, out_dir):
+  """The A = I run with the paper's defaults and theory-matched, and the
+  ill-conditioned run, each against Thm. 2's MLE floor."""
+  isotropic = curves['isotropic']
+  theory = {k: v for k, v in isotropic.items()
+            if k == 'vanilla' or k.endswith('/theory')}
+  panels = [
+      ('isotropic', 'A = I, language-model defaults (bias_power 0.2)',
+       {k: v for k, v in isotropic.items() if k not in theory or
+        k == 'vanilla'}),
+      ('isotropic', 'A = I, theory-matched: beta_t = 1/t, '
+       'alpha_t = 1/(eta t)', theory),
+      ('ill_conditioned', 'ill-conditioned (kappa 100), defaults',
+       curves['ill_conditioned'])]
+  fig, axes = plt.subplots(1, len(panels), figsize=(17, 4.5))
+  for ax, (problem, title, shown) in zip(axes, panels):
+    _common.plot_curves(ax, shown, title=f'{title}\nd={DIM}, {seeds} seeds',
+                        ylabel='E||estimate - mu||^2', logy=True)
+    # Thm. 2's MLE knows A and eta: the floor no A-blind average can beat.
+    ks = np.geomspace(1, steps, 100)
+    ax.plot(ks, mle_theory(PROBLEMS[problem]['eigs'], 1) / ks, 'k--', lw=0.8,
+            label='MLE (theory)')
+    ax.legend(fontsize=7)
+    ax.set_xscale('log')
+  return _common.save_figure(fig, out_dir, 'quadratic.png')
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   _common.add_common_args(parser, 'benchmarks/results/quadratic')
@@ -204,7 +280,8 @@ def main():
   oracles, curves = [], {}
   for i, (problem, spec) in enumerate(PROBLEMS.items()):
     curve, finals = simulate(spec['eigs'], spec['eta'], steps, seeds,
-                             jax.random.fold_in(key, i))
+                             jax.random.fold_in(key, i),
+                             spec.get('curvature'))
     curves[problem] = {k: thin(np.asarray(v)) for k, v in curve.items()}
     oracles.append(dict(
         oracle(f'last_iterate/{problem}', finals['last_iterate'],
@@ -218,32 +295,23 @@ def main():
     oracles.append(oracle(f'stylised_pace_ema/c={c}', samples,
                           stylised_pace_theory(c)))
 
+  fig2 = fig2_ordering(curves['isotropic'])
   results = dict(oracles=oracles, curves=curves['isotropic'],
-                 curves_ill_conditioned=curves['ill_conditioned'],
+                 curves_ill_conditioned=curves['ill_conditioned'], fig2=fig2,
                  config=dict(dim=DIM, sigma=SIGMA, steps=steps, seeds=seeds,
                              start_offset=START_OFFSET,
                              problems={k: dict(eta=v['eta'],
                                                eigs=v['eigs'].tolist())
                                        for k, v in PROBLEMS.items()},
-                             stabilizers=STABILIZER_HPARAMS, pace=PACE_HPARAMS,
-                             stylised_pace=STYLISED,
+                             stabilizers=STABILIZER_HPARAMS,
+                             theory_stabilizers=theory_hparams(
+                                 PROBLEMS['isotropic']['eta'],
+                                 PROBLEMS['isotropic']['curvature']),
+                             pace=PACE_HPARAMS, stylised_pace=STYLISED,
                              machine=_common.machine_line(),
                              wall_seconds=round(time.time() - started, 1)))
   path = _common.write_results(args.out, results)
-
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, problem in zip(axes, PROBLEMS):
-    _common.plot_curves(ax, curves[problem],
-                        title=f'{problem} quadratic, d={DIM}, {seeds} seeds',
-                        ylabel='E||estimate - mu||^2', logy=True)
-    # Thm. 2's MLE knows A and eta: the floor no A-blind average can beat.
-    spec = PROBLEMS[problem]
-    ks = np.geomspace(1, steps, 100)
-    ax.plot(ks, SIGMA ** 2 * np.sum(spec['eigs'] ** -2.0) / ks, 'k--', lw=0.8,
-            label='MLE (theory)')
-    ax.legend(fontsize=7)
-    ax.set_xscale('log')
-  _common.save_figure(fig, args.out, 'quadratic.png')
+  plot(curves, steps, seeds, args.out)
 
   print(f'{"oracle":32s} {"measured":>11s} {"theory":>11s} {"z":>6s}')
   for o in oracles:
@@ -253,6 +321,10 @@ def main():
   for problem in PROBLEMS:
     print('  ' + problem + ': ' + ', '.join(
         f'{k} {v[-1][1]:.4g}' for k, v in curves[problem].items()))
+  print(f"Fig. 2's order (theory-matched bema < ouema < ema) holds at "
+        f"{fig2['fraction_of_steps']:.0%} of the logged steps, at every one "
+        f"from step {fig2['holds_from_step']}; MLE (theory) at the end "
+        f"{fig2['mle_theory_at_end']:.4g}")
   print(f'wrote {path} in {time.time() - started:.0f}s')
 
 

@@ -19,14 +19,18 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).parent.parent / 'benchmarks'
 Z_TOLERANCE = 5.0
 sys.path.insert(0, str(BENCHMARKS))
-import quadratic  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
+import _claims
+import _schedules
+import quadratic
+# pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 
 def run_benchmark(script, *args, cwd, env=None):
   env = dict(os.environ, MPLBACKEND='Agg', **(env or {}))
   proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
                         cwd=cwd, env=env, capture_output=True, text=True,
-                        timeout=170, check=False)
+                        timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -42,7 +46,8 @@ def quadratic_results(tmp_path_factory):
 
 def test_quadratic_has_every_curve(quadratic_results):
   curves = quadratic_results['curves']
-  assert set(curves) == {'vanilla', 'ema', 'bema', 'ouema', 'dema', 'pace'}
+  assert set(curves) == {'vanilla', 'ema', 'bema', 'ouema', 'dema', 'pace',
+                         'ema/theory', 'bema/theory', 'ouema/theory'}
   for curve in curves.values():
     steps = [s for s, _ in curve]
     assert steps == sorted(steps) and steps[-1] == 1000
@@ -71,6 +76,26 @@ def test_pullback_lowers_the_stationary_ema_error(quadratic_results):
           > Z_TOLERANCE * math.hypot(plain['stderr'], pulled['stderr']))
 
 
+def test_theory_matched_bema_is_the_mle_over_the_whole_run(
+    quadratic_results):
+  """With beta_t = 1/t and alpha_t = 1/(eta t) the library's BEMA is Thm.
+  2's estimator up to O(1/K): its error follows sigma^2 Tr(A^-2) / K at
+  every step, while the running mean lags and the language-model defaults
+  stall (the BEMA paper's Fig. 2)."""
+  curves = quadratic_results['curves']
+  dim = quadratic.DIM
+  for (step, bema), (_, ema), (_, ouema) in zip(
+      curves['bema/theory'], curves['ema/theory'], curves['ouema/theory']):
+    mle = quadratic.SIGMA ** 2 * dim / step
+    if step >= 10:  # 256 seeds: the mean of a chi^2_20 is within ~2%
+      assert bema == pytest.approx(mle, rel=0.2), step
+      assert bema < ouema < ema, step
+  final = {k: v[-1][1] for k, v in curves.items()}
+  assert final['bema/theory'] < final['vanilla'] / 3
+  assert final['bema'] > 10 * final['bema/theory']
+  assert quadratic_results['fig2']['holds_from_step'] <= 10
+
+
 @pytest.mark.parametrize('c', [0.0, 0.02, 0.05, 0.2])
 def test_stylised_pace_formula_is_the_recursions_stationary_variance(c):
   """SPEC 3's closed form against the stationary covariance of the linear
@@ -97,16 +122,114 @@ def test_finetune_smoke(tmp_path):
   results = json.loads((tmp_path / 'out' / 'results.json').read_text())
   methods = results['methods']
   assert {'adamw', 'ema', 'bema', 'ouema', 'dema', 'pace',
-          'adaptive_ademamix', 'ademamix'} <= set(methods)
+          'adaptive_ademamix', 'ademamix', 'adamw/cosine', 'adamw/wsd',
+          'ema/cosine', 'ema/wsd', 'pace/wsd', 'schedule_free'} <= set(methods)
   assert 'bema/f=1' in methods  # the update_freq sweep
   start = {m['curve'][0][1] for m in methods.values()}
   # Step 0 is the pretrained model for every method.
   assert max(start) - min(start) < 1e-5
+  seeds, steps = results['config']['seeds'], results['config']['steps']
   for m in methods.values():
     assert math.isfinite(m['final_eval_loss'])
-    assert m['final_eval_loss'] == m['curve'][-1][1]
-  assert results['config']['steps'] == methods['adamw']['curve'][-1][0]
+    assert m['final_eval_loss'] == pytest.approx(m['curve'][-1][1])
+    assert len(m['steps_to_target_per_seed']) == seeds
+    for s in m['steps_to_target_per_seed']:
+      assert s is None or 0 <= s <= steps
+  # AdamW reaches its own final loss at the last step at the latest.
+  assert all(s is not None for s in
+             methods['adamw']['steps_to_target_per_seed'])
+  assert steps == methods['adamw']['curve'][-1][0]
+  sweep = results['learning_rate_sweep']
+  assert len(sweep) == len(results['config']['learning_rates']) >= 2
+  for by_method in sweep.values():
+    assert {'adamw', 'adamw/cosine', 'ema/wsd', 'pace', 'pace/wsd',
+            'schedule_free'} <= set(by_method)
+  claims = results['claims']
+  assert len(claims) == 7
+  for c in claims:
+    assert set(c) == {'claim', 'source', 'measured', 'verdict'}
+    assert c['verdict'] in _claims.VERDICTS and c['measured']
   assert (tmp_path / 'out' / 'finetune.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('schedule', _schedules.SCHEDULES)
+def test_schedules_are_the_pace_papers(schedule):
+  """Step k (from 1) against the definitions: warmup peak k / W, then
+  constant, cosine to 0 at T, or constant until 0.8 T and linear to 0."""
+  peak, steps = 2e-3, 200
+  warmup = 10
+  assert _schedules.warmup_steps(steps) == warmup
+  rate = _schedules.learning_rate(peak, schedule, steps)
+  for k in range(1, steps + 1):
+    if k <= warmup:
+      expected = peak * k / warmup
+    elif schedule == 'constant':
+      expected = peak
+    elif schedule == 'cosine':
+      expected = peak * (1 + math.cos(math.pi * (k - warmup)
+                                      / (steps - warmup))) / 2
+    else:
+      expected = peak if k <= 160 else peak * (steps - k) / 40
+    assert float(rate(k - 1)) == pytest.approx(expected, abs=1e-9), k
+  assert schedule == 'constant' or float(rate(steps - 1)) == 0.0
+
+
+@pytest.mark.parametrize('diffs, sign, verdict', [
+    ([-0.02, -0.03, -0.025], -1, 'reproduced'),
+    ([-0.02, 0.001, -0.025], -1, 'partly'),      # one seed disagrees
+    ([-0.001, -0.02], -1, 'partly'),             # not beyond one sd
+    ([-0.02], -1, 'partly'),                     # one seed: no spread
+    ([0.01, 0.02], -1, 'not reproduced'),
+    ([0.01, 0.02], +1, 'reproduced'),
+    ([0.0, 0.0], -1, 'not reproduced'),
+])
+def test_sign_verdict(diffs, sign, verdict):
+  assert _claims.sign_verdict(diffs, sign) == verdict
+
+
+def test_competitive_and_combined_verdicts():
+  assert _claims.competitive_verdict([0.001, -0.002]) == 'reproduced'
+  assert _claims.competitive_verdict([0.005, 0.006]) == 'partly'
+  assert _claims.competitive_verdict([0.05, 0.06]) == 'not reproduced'
+  assert _claims.combine(['reproduced', 'reproduced']) == 'reproduced'
+  assert _claims.combine(['reproduced', 'not reproduced']) == 'partly'
+  assert _claims.combine(['not reproduced'] * 2) == 'not reproduced'
+  assert _claims.steps_to_target([[0, 3.0], [5, 2.0], [10, 1.0]], 2.0) == 5
+  assert _claims.steps_to_target([[0, 3.0], [5, 2.5]], 2.0) is None
+
+
+def _evidence(pace_by_lr):
+  """Three seeds; baselines at 1.0 + seed / 100; PACE as given."""
+  finals = {}
+  for lr, pace in pace_by_lr.items():
+    finals[lr] = {b: [1.0, 1.01, 1.02] for b in ('adamw', 'adamw/wsd', 'ema')}
+    finals[lr]['adamw/wsd'] = [0.99, 1.0, 1.01]  # the strongest baseline
+    finals[lr]['pace'] = pace
+  steps = {lr: {k: [0] * 3 for k in v} for lr, v in finals.items()}
+  return _claims.Evidence(finals, steps, base_lr=1e-3, never=100)
+
+
+def _claim(evidence, starts):
+  return next(c for c in _claims.claims(
+      evidence, ('adamw', 'adamw/wsd', 'ema'))
+              if c['claim'].startswith(starts))
+
+
+def test_pace_claims_judge_the_strongest_baseline_and_the_trend():
+  growing = _evidence({3e-4: [0.985, 0.995, 1.005],   # margin 0.005
+                       1e-3: [0.97, 0.98, 0.99],      # 0.02
+                       3e-3: [0.94, 0.95, 0.96]})     # 0.05
+  assert _claim(growing, 'PACE at a constant')['verdict'] == 'reproduced'
+  assert _claim(growing, "PACE's margin")['verdict'] == 'reproduced'
+  # Ahead of AdamW at its constant rate but behind its wsd schedule.
+  behind = _evidence({1e-3: [0.995, 1.005, 1.015]})
+  assert _claim(behind, 'PACE at a constant')['verdict'] == 'partly'
+  assert _claim(behind, "PACE's margin")['verdict'] == 'not reproduced'
+  dipping = _evidence({3e-4: [0.985, 0.995, 1.005],
+                       1e-3: [0.98, 0.99, 1.0],       # margin 0.01
+                       2e-3: [0.985, 0.995, 1.005],   # falls back to 0.005
+                       3e-3: [0.94, 0.95, 0.96]})
+  assert _claim(dipping, "PACE's margin")['verdict'] == 'partly'
 
 
 def test_overhead_tables_agree_with_the_readme():
@@ -119,5 +242,7 @@ def test_overhead_tables_agree_with_the_readme():
   readme = {'adamw1': 1.0, 'ema1': 1.43, 'bema1': 1.43, 'dema1': 1.71,
             'ouema1': 1.57, 'pace1': 1.29, 'ema400': 1.0, 'bema400': 1.0,
             'dema400': 1.0, 'ouema400': 1.0}
-  assert floors == pytest.approx(readme, abs=0.005)
+  # Contenders the README's table does not list (averages of several EMAs,
+  # posthoc_ema) are held to their own floors by the compiled-step tests.
+  assert {k: floors[k] for k in readme} == pytest.approx(readme, abs=0.005)
   assert set(overhead.TARGETS) <= set(floors)

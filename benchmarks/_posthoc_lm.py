@@ -1,0 +1,372 @@
+"""Choosing the average after training, on the language-model fine-tuning.
+
+Each seed fine-tunes ONCE with ``optax_bema.posthoc_ema()`` last in the chain
+and saves ``(its state, params)`` every ``snapshot_every`` steps to host
+memory, as a user saves checkpoints. After training, every setting of a grid
+(the four stabilizers x ``ema_power`` x ``bias_power`` x ``update_freq``) is
+synthesized from those snapshots in one ``optax_bema.synthesize`` pass, each
+synthesized model is scored on a VALIDATION split, and the best is kept. The
+validation windows are the training text's last bytes, which no training
+batch samples; the held-out windows are the corpus' tail, as in the main
+comparison, and only the report reads them. ``snapshot_every`` shares no
+factor with the grid's ``update_freq``: no setting is reproduced from the
+saved iterates alone.
+
+The choice is compared with the models the grid's settings really return on
+that trajectory. Tracking 100+ stabilizers online costs minutes of
+compilation and ~20x the step time here, so each is computed exactly instead:
+the model after T steps is ``sum_s w[s] theta_s`` with ``w`` its profile
+(``optax_bema.profile``), applied to every iterate of the run on the host.
+The four defaults are also run online (``optax_bema.averages``) in the same
+chain; their models are the defaults reported, and their distance to the
+profile sums checks that identity.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Mapping
+
+import jax
+import jax.flatten_util
+import numpy as np
+import optax
+import optax_bema
+import tqdm
+
+import _common
+import _lm
+import _posthoc_lm_report
+import _transforms
+
+# Per mode: the grid; the snapshot spacing (coprime with every update_freq),
+# and the multiples of it that synthesis is also tried from.
+GRIDS = {
+    'full': dict(ema_powers=(0.3, 0.5, 0.7, 0.9),
+                 bias_powers=(0.1, 0.2, 0.3, 0.5),
+                 update_freqs=(1, 3, 10, 30), snapshot_every=23,
+                 coarser=(2, 4)),
+    'quick': dict(ema_powers=(0.3, 0.5, 0.8), bias_powers=(0.2, 0.4),
+                  update_freqs=(1, 3, 10, 30), snapshot_every=11,
+                  coarser=()),
+    'smoke': dict(ema_powers=(0.5, 0.9), bias_powers=(0.2,),
+                  update_freqs=(1, 10), snapshot_every=3, coarser=(2,)),
+}
+_TAKES_BIAS_POWER = ('bema', 'ouema')
+_EVAL_CHUNK = 8  # models scored per compiled call
+
+
+
+def name_of(kind, ema_power, bias_power, update_freq) -> str:
+  bias = f'/b={bias_power:g}' if kind in _TAKES_BIAS_POWER else ''
+  return f'{kind}/e={ema_power:g}{bias}/f={update_freq}'
+
+
+def grid(ema_powers, bias_powers, update_freqs, *, base: Mapping,
+         **unused) -> dict[str, dict]:
+  """``{name: settings}`` over the four stabilizers; ``base`` fills the other
+  settings (``lag``, ``multiplier``, ``update_after``)."""
+  del unused
+  base = {k: v for k, v in base.items() if k != 'bias_power'}
+  out = {}
+  for kind in _transforms.STABILIZERS:
+    takes_bias = kind in _TAKES_BIAS_POWER
+    for e, b, f in itertools.product(
+        ema_powers, bias_powers if takes_bias else (None,), update_freqs):
+      out[name_of(kind, e, b, f)] = dict(
+          base, kind=kind, ema_power=e, update_freq=f,
+          **({'bias_power': b} if takes_bias else {}))
+  return out
+
+
+def stabilizer(settings: Mapping) -> optax.GradientTransformation:
+  settings = dict(settings)
+  return _transforms.stabilizer(settings.pop('kind'), **settings)
+
+
+def validation_split(train_bytes, count: int, context: int):
+  """``(train, validation)``: the last ``count`` windows of the training text
+  become the validation set, and training batches sample only the rest."""
+  size = count * (context + 1)
+  if size > len(train_bytes) // 4:
+    raise ValueError(f'{count} validation windows of {context + 1} bytes would '
+                     f'take over a quarter of {len(train_bytes)} training '
+                     'bytes.')
+  return (train_bytes[:-size], train_bytes[-size:].reshape(
+      count, context + 1).astype(np.int32))
+
+
+class ProfileSums:
+  """Each setting's exact model: its profile applied to a run's iterates.
+
+  ``add`` the flattened iterates theta_0, theta_1, ... in order; each block
+  of them is folded into the sums by one matrix product, so the trajectory
+  itself is never kept.
+  """
+
+  def __init__(self, profiles: np.ndarray, size: int, block: int = 64):
+    self.profiles = profiles.astype(np.float32)  # (settings, steps + 1)
+    self.sums = np.zeros((len(profiles), size), np.float32)
+    self.block, self.buffer, self.next = block, [], 0
+
+  def add(self, theta: np.ndarray):
+    self.buffer.append(theta)
+    if len(self.buffer) == self.block:
+      self._fold()
+
+  def _fold(self):
+    stop = self.next + len(self.buffer)
+    self.sums += self.profiles[:, self.next:stop] @ np.stack(self.buffer)
+    self.buffer, self.next = [], stop
+
+  def models(self) -> np.ndarray:
+    self._fold()
+    if self.next != self.profiles.shape[1]:
+      raise ValueError(f'{self.next} iterates added; the profiles span '
+                       f'{self.profiles.shape[1]}.')
+    return self.sums
+
+
+class OnDevice:
+  """Host snapshots, each put on the device as ``synthesize`` reads it: the
+  lazily loading re-iterable it asks for (Orbax steps would load alike)."""
+
+  def __init__(self, snapshots):
+    self.snapshots = snapshots
+
+  def __iter__(self):
+    return map(jax.device_put, self.snapshots)
+
+
+def scorer(model: _lm.Transformer, unravel):
+  """``score(flat_models, windows)``: the loss of each row's model."""
+  @jax.jit
+  def losses(flat, windows):
+    return jax.lax.map(lambda v: _lm.loss_fn(model, unravel(v), windows), flat)
+
+  def score(flat, windows):
+    out = []
+    for i in range(0, len(flat), _EVAL_CHUNK):
+      part = flat[i:i + _EVAL_CHUNK]
+      padded = np.concatenate(  # one shape, one compilation
+          [part, np.repeat(part[-1:], _EVAL_CHUNK - len(part), 0)])
+      out.append(np.asarray(losses(padded, windows))[:len(part)])
+    return np.concatenate(out)
+  return score
+
+
+def _flat(tree) -> np.ndarray:
+  return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
+
+
+def train_seed(model, params, optimizer, batches, settings: Mapping,
+               online: Mapping, snapshot_every: int, bar):
+  """One fine-tuning run from ``params``, ``posthoc_ema`` last.
+
+  Returns ``(snapshots, exact, online_models, last)``: the saved
+  ``(posthoc_ema state, params)`` pairs (host NumPy); each setting's exact
+  model, a flattened row per setting; the flattened model of each of
+  ``online`` (stabilizers by name, run in the same chain); the flattened
+  last iterate.
+  """
+  steps = len(batches)
+  sums = ProfileSums(np.stack([optax_bema.profile(stabilizer(s), steps)
+                               for s in settings.values()]),
+                     _flat(params).size)
+  # Both pass the updates through, so each sees theta_t as if it were last.
+  tx = optax.chain(optimizer, optax_bema.posthoc_ema(),
+                   optax_bema.averages(**online))
+
+  @jax.jit
+  def step(params, state, windows):
+    grads = jax.grad(lambda p: _lm.loss_fn(model, p, windows))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return params, state, jax.flatten_util.ravel_pytree(params)[0]
+
+  state, snapshots = tx.init(params), []
+  sums.add(_flat(params))
+  for t in range(1, steps + 1):
+    params, state, flat = step(params, state, batches[t - 1])
+    sums.add(np.asarray(flat))
+    if t % snapshot_every == 0 or t == steps:
+      # posthoc_ema's state alone, as its user saves it: the online
+      # averages beside it would be a second averages state.
+      snapshots.append(jax.device_get((state[1], params)))
+    bar.update()
+  online_models = np.stack([_flat(optax_bema.averaged_params(
+      state[2], params, name=k)) for k in online])
+  return snapshots, sums.models(), online_models, _flat(params)
+
+
+def study_seed(model, params, optimizer, batches, validation, held_out, *,
+               settings: Mapping, defaults: Mapping[str, str],
+               snapshot_every: int, coarser=(), bar) -> dict:
+  """Train once, choose on ``validation``, report on ``held_out``.
+
+  ``defaults`` maps a label to a setting's name; those run online too.
+  Each of ``coarser`` synthesizes again from every so many snapshots.
+  """
+  names = list(settings)
+  score = scorer(model, jax.flatten_util.ravel_pytree(params)[1])
+  clock = [time.perf_counter()]
+
+  def lap():
+    clock.append(time.perf_counter())
+    return round(clock[-1] - clock[-2], 1)
+  snapshots, exact, online, last = train_seed(
+      model, params, optimizer, batches, settings,
+      {k: stabilizer(settings[v]) for k, v in defaults.items()},
+      snapshot_every, bar)
+  seconds = dict(train=lap())
+  targets = {k: stabilizer(settings[k]) for k in names}
+  synthesized = optax_bema.synthesize(targets, OnDevice(snapshots))
+  synth = np.stack([_flat(synthesized.model[k]) for k in names])
+  seconds['synthesize'] = lap()
+
+  def model_error(approx, truth):
+    """||approx - truth|| / ||truth - last iterate||: the part of what
+    averaging changes that ``approx`` gets wrong."""
+    return float(np.linalg.norm(approx - truth)
+                 / np.linalg.norm(truth - last))
+
+  kinds = {k: [i for i, n in enumerate(names) if settings[n]['kind'] == k]
+           for k in _transforms.STABILIZERS}
+
+  def fidelity(models):
+    """Each stabilizer's model errors over its settings."""
+    errors = np.array([model_error(*pair) for pair in zip(models, exact)])
+    return {k: dict(median=float(np.median(errors[rows])),
+                    max=float(errors[rows].max())) for k, rows in kinds.items()}
+  by_spacing = {snapshot_every: fidelity(synth)}
+  for factor in coarser:
+    kept = snapshots[factor - 1::factor]
+    kept += snapshots[-1:] if kept[-1] is not snapshots[-1] else []
+    coarse = optax_bema.synthesize(targets, OnDevice(kept)).model
+    by_spacing[snapshot_every * factor] = fidelity(
+        np.stack([_flat(coarse[k]) for k in names]))
+  seconds['coarser'] = lap()
+
+  val_synth, val_exact = score(synth, validation), score(exact, validation)
+  held_exact = score(exact, held_out)
+  chosen, by_validation, hindsight = (int(np.argmin(v)) for v in (
+      val_synth, val_exact, held_exact))
+  # Each stabilizer's own post-hoc choice, as for a user who wants BEMA.
+  kind_choice = {k: min(rows, key=val_synth.__getitem__)
+                 for k, rows in kinds.items()}
+  held_chosen, held_last, *held_more = score(np.stack(
+      [synth[chosen], last, *online, *synth[list(kind_choice.values())]]),
+                                             held_out)
+  held_online, held_kind = held_more[:len(online)], held_more[len(online):]
+  seconds['score'] = lap()
+
+  def entry(i, held, validation_loss=None):
+    return dict(name=names[i], held_out_loss=float(held),
+                validation_loss=float(val_exact[i] if validation_loss is None
+                                      else validation_loss),
+                held_out_rank=int(np.sum(held_exact < held)) + 1)
+
+  gaps = np.abs(val_synth - val_exact)
+  return dict(
+      last_iterate=dict(held_out_loss=float(held_last)),
+      defaults={
+          label: dict(entry(names.index(name), held),
+                      profile_check=model_error(
+                          exact[names.index(name)], online_model))
+          for (label, name), online_model, held in zip(
+              defaults.items(), online, held_online)},
+      posthoc=dict(
+          entry(chosen, held_chosen, val_synth[chosen]),
+          residual=synthesized.residual[names[chosen]],
+          model_error=model_error(synth[chosen], exact[chosen]),
+          exact=entry(chosen, held_exact[chosen])),
+      by_stabilizer={k: dict(
+          posthoc=entry(kind_choice[k], held, val_synth[kind_choice[k]]),
+          hindsight=entry(best, held_exact[best]))
+                     for (k, rows), held in zip(kinds.items(), held_kind)
+                     for best in [min(rows, key=held_exact.__getitem__)]},
+      exact_choice=entry(by_validation, held_exact[by_validation]),
+      hindsight=entry(hindsight, held_exact[hindsight]),
+      synthesis=dict(
+          max_validation_gap=float(gaps.max()),
+          max_validation_gap_at=names[int(gaps.argmax())],
+          median_validation_gap=float(np.median(gaps)),
+          max_residual=float(max(synthesized.residual.values())),
+          model_error_by_spacing=by_spacing,
+          rank_correlation=_rank_correlation(val_synth, val_exact)),
+      # How well validation predicts held-out among the exact models: what
+      # any choice on this validation split can achieve.
+      validation_vs_held_out=_rank_correlation(val_exact, held_exact),
+      losses={k: dict(validation_synthesized=float(v), validation=float(e),
+                      held_out=float(h))
+              for k, v, e, h in zip(names, val_synth, val_exact, held_exact)},
+      snapshots=len(snapshots), seconds=seconds)
+
+
+def _rank_correlation(a, b) -> float:
+  """Spearman's rho (float losses have no ties)."""
+  return float(np.corrcoef(*(np.argsort(np.argsort(v)) for v in (a, b)))[0, 1])
+
+
+def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
+          held_out, *, base: Mapping, update_freq: int, desc: str) -> dict:
+  """Every seed of ``config`` (``finetune.CONFIGS[mode]``), the grid of
+  ``GRIDS[mode]``; the defaults are ``base`` at ``update_freq``."""
+  plan = GRIDS[mode]
+  settings = grid(**plan, base=base)
+  defaults = {k: name_of(k, base['ema_power'], base['bias_power'],
+                         update_freq) for k in _transforms.STABILIZERS}
+  if not set(defaults.values()) <= set(settings):
+    raise ValueError(f'the {mode} grid lacks the defaults {defaults}.')
+  context = config['model'].context
+  train, validation = validation_split(train_bytes, config['eval_windows'],
+                                       context)
+  held = _lm.eval_windows(held_out, config['eval_windows'], context)
+  per_seed = []
+  with tqdm.tqdm(total=config['seeds'] * config['steps'], desc=desc) as bar:
+    for seed in range(config['seeds']):
+      # The main comparison's batch stream, from a text without the
+      # validation windows.
+      rng = np.random.default_rng(1000 + seed)
+      batches = [_lm.sample_batch(rng, train, config['batch'], context)
+                 for _ in range(config['steps'])]
+      per_seed.append(study_seed(
+          model, params, optimizer, batches, validation, held,
+          settings=settings, defaults=defaults,
+          snapshot_every=plan['snapshot_every'], coarser=plan['coarser'],
+          bar=bar))
+  return dict(summary=_posthoc_lm_report.summarize(per_seed), per_seed=per_seed,
+              grid=dict(plan, size=len(settings)), defaults=defaults,
+              validation_windows=len(validation), held_out_windows=len(held))
+
+
+def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
+         corpus: bytes, corpus_name: str, *, base: Mapping, update_freq: int,
+         training: Mapping) -> str:
+  """Runs :func:`study`, writes ``out_dir/posthoc.json``, prints the table.
+
+  ``training`` describes ``optimizer`` for the record.
+  """
+  started = time.time()
+  train_bytes, held_out = _lm.split(corpus)
+  results = study(mode, config, model, params, optimizer, train_bytes,
+                  held_out, base=base, update_freq=update_freq,
+                  desc=f'post-hoc study on {corpus_name}')
+  wall = time.time() - started
+  results['config'] = dict(
+      mode=mode, finetune_corpus=corpus_name, steps=config['steps'],
+      batch=config['batch'], seeds=config['seeds'], training=dict(training),
+      stabilizer=dict(base, update_freq=update_freq),
+      machine=_common.machine_line(), wall_seconds=round(wall, 1))
+  # Beside the comparison's results.json, which it neither reads nor clobbers.
+  path = _common.write_results(out_dir, results, 'posthoc.json')
+  print(_posthoc_lm_report.report(results, (
+      f'\nchoosing the average after training on {corpus_name} ({mode}: '
+      f'{config["steps"]} steps, {config["seeds"]} seed(s), '
+      f'{results["grid"]["size"]} settings, a snapshot every '
+      f'{results["grid"]["snapshot_every"]} steps)')))
+  _posthoc_lm_report.plot(results, out_dir, f'{corpus_name}, {mode}')
+  print(f'wrote {path} in {wall:.0f}s, pretraining aside '
+        f'({_common.machine_line()})')
+  return path

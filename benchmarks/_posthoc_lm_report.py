@@ -1,0 +1,131 @@
+"""The post-hoc study's summary and table (``_posthoc_lm.py`` runs it)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+import _common
+import _transforms
+
+# The table's rows: (label, where in a seed's result).
+ROWS = (('last iterate (AdamW)', ('last_iterate',)),
+        *((f'{k} {what}', where) for k in _transforms.STABILIZERS
+          for what, where in (
+              ('default', ('defaults', k)),
+              ('post-hoc choice', ('by_stabilizer', k, 'posthoc')),
+              ('best in hindsight', ('by_stabilizer', k, 'hindsight')))),
+        ('any: post-hoc choice (synthesized)', ('posthoc',)),
+        ('  same setting, exact model', ('posthoc', 'exact')),
+        ('  choice by validation, exact models', ('exact_choice',)),
+        ('any: best in hindsight (held-out)', ('hindsight',)))
+
+
+def _at(result: dict, path) -> dict:
+  for key in path:
+    result = result[key]
+  return result
+
+
+def summarize(per_seed: list[dict]) -> dict:
+  """Each row's held-out loss (mean and per seed) and its settings per seed;
+  the post-hoc choice's gap to the hindsight best, paired by seed."""
+  rows = {}
+  for label, path in ROWS:
+    entries = [_at(seed, path) for seed in per_seed]
+    held = [e['held_out_loss'] for e in entries]
+    rows[label] = dict(held_out_loss=float(np.mean(held)),
+                       held_out_loss_per_seed=held,
+                       names=[e.get('name', '') for e in entries])
+  gap = [s['posthoc']['held_out_loss'] - s['hindsight']['held_out_loss']
+         for s in per_seed]
+  return dict(rows=rows, gap_to_hindsight=float(np.mean(gap)),
+              gap_to_hindsight_per_seed=gap)
+
+
+def report(results: dict, title: str) -> str:
+  """The summary as a table, then the synthesis' own accuracy."""
+  rows, per_seed = results['summary']['rows'], results['per_seed']
+  last = np.array(rows[ROWS[0][0]]['held_out_loss_per_seed'])
+  lines = [title, f'{"model":38s} {"held-out":>8s} {"vs last":>8s}  '
+           'settings per seed']
+  for label, row in rows.items():
+    diff = np.array(row['held_out_loss_per_seed']) - last
+    names = ' | '.join(dict.fromkeys(row['names']))  # unique, in order
+    lines.append(f'{label:38s} {row["held_out_loss"]:8.4f} '
+                 f'{diff.mean():+8.4f}  {names}')
+
+  def each(path, key, fmt):
+    return ', '.join(format(_at(s, path)[key], fmt) for s in per_seed)
+  gap = results['summary']['gap_to_hindsight_per_seed']
+  chosen, grid = ('posthoc',), ('synthesis',)
+  lines += [
+      f'post-hoc minus hindsight best: {np.mean(gap):+.4f} (per seed '
+      f'{", ".join(f"{g:+.4f}" for g in gap)}); held-out rank of the '
+      f'choice among {results["grid"]["size"]}: '
+      + each(chosen, 'held_out_rank', 'd'),
+      f'synthesis of the choice: residual {each(chosen, "residual", ".3f")}'
+      f'; model error {each(chosen, "model_error", ".2%")}',
+      'over the grid: |validation loss synthesized - exact| median '
+      f'{each(grid, "median_validation_gap", ".1e")}, max '
+      f'{each(grid, "max_validation_gap", ".1e")} '
+      f'({each(grid, "max_validation_gap_at", "s")}); rank correlation '
+      + each(grid, 'rank_correlation', '.4f'),
+      'rank correlation of validation and held-out loss over the grid (exact '
+      'models): ' + each((), 'validation_vs_held_out', '.3f'),
+      'defaults online vs profile sums (model error): ' + ', '.join(
+          f'{d["profile_check"]:.1e}' for s in per_seed
+          for d in s['defaults'].values()),
+      'model error of the synthesis by snapshot spacing, median / max over '
+      'each stabilizer\'s settings (mean / worst over seeds):',
+      f'{"every":>6s} '
+      + ' '.join(f'{k:>16s}' for k in _transforms.STABILIZERS),
+  ]
+  spacings = [s['synthesis']['model_error_by_spacing'] for s in per_seed]
+  for spacing in spacings[0]:
+    cells = []
+    for kind in _transforms.STABILIZERS:
+      errors = [at[spacing][kind] for at in spacings]
+      cells.append(f'{np.mean([e["median"] for e in errors]):7.2%} / '
+                   f'{max(e["max"] for e in errors):6.2%}')
+    lines.append(f'{spacing:>6} ' + ' '.join(f'{c:>16s}' for c in cells))
+  return '\n'.join(lines)
+
+
+def plot(results: dict, out_dir: str, title: str) -> str:
+  """Every setting of every seed: validation loss synthesized against exact
+  (the synthesis), and held-out against validation loss (the choice)."""
+  fig, (synthesis, choice) = plt.subplots(1, 2, figsize=(12, 5))
+  for i, seed in enumerate(results['per_seed']):
+    for kind, color in zip(_transforms.STABILIZERS, ('C0', 'C1', 'C2', 'C3')):
+      points = [v for k, v in seed['losses'].items()
+                if k.split('/')[0] == kind]
+      exact = [p['validation'] for p in points]
+      synthesis.scatter(exact, [p['validation_synthesized'] for p in points],
+                        s=8, color=color, label=None if i else kind)
+      choice.scatter(exact, [p['held_out'] for p in points], s=8,
+                     color=color, label=None if i else kind)
+    for key, marker in (('posthoc', '*'), ('hindsight', 'x')):
+      point = seed['losses'][seed[key]['name']]
+      choice.scatter(point['validation'], point['held_out'], s=120,
+                     marker=marker, color='k',
+                     label=None if i else f'{key} (per seed)')
+  def better_half(key):
+    """The axis' range over the better half of the grid: the worst
+    settings would hide the choice."""
+    values = [p[key] for s in results['per_seed'] for p in s['losses'].values()]
+    return min(values) - 0.005, float(np.median(values))
+  low, high = better_half('validation')
+  synthesis.plot([low, high], [low, high], 'k--', lw=0.8)
+  for ax, ylabel in ((synthesis, 'validation loss, synthesized'),
+                     (choice, 'held-out loss, exact')):
+    ax.set_xlim(low, high)
+    ax.set_xlabel('validation loss, exact (nats/byte)')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  synthesis.set_ylim(low, high)
+  choice.set_ylim(*better_half('held_out'))
+  synthesis.set_title(f'{title}: synthesis')
+  choice.set_title(f'{title}: choosing on validation')
+  return _common.save_figure(fig, out_dir, 'posthoc.png')

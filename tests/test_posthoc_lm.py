@@ -1,0 +1,71 @@
+"""The language-model post-hoc study runs end to end (a tiny smoke run).
+
+The numbers of a few steps of a random model mean nothing; what is checked
+is the structure, and the one identity the study rests on: the grid's models
+computed from their profiles equal the stabilizers run online.
+"""
+
+import math
+import pathlib
+import sys
+
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / 'benchmarks'))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import _lm
+import _posthoc_lm
+import _posthoc_lm_report
+
+BASE = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
+            update_after=0)
+CONFIG = dict(model=_lm.ModelConfig(width=16, layers=1, heads=2, context=8),
+              steps=7, batch=2, eval_windows=3, seeds=1)
+
+
+@pytest.fixture(scope='module')
+def results():
+  model = _lm.Transformer(CONFIG['model'])
+  train, held_out = _lm.split(_lm.pydoc_topics()[:20_000])
+  return _posthoc_lm.study(
+      'smoke', CONFIG, model, _lm.init_params(model), optax.adamw(1e-2),
+      train, held_out, base=BASE, update_freq=1, desc='smoke')
+
+
+def test_choice_is_a_grid_setting_and_losses_are_finite(results):
+  names = set(_posthoc_lm.grid(**_posthoc_lm.GRIDS['smoke'], base=BASE))
+  assert results['grid']['size'] == len(names) == 16
+  seed = results['per_seed'][0]
+  for key in ('posthoc', 'exact_choice', 'hindsight'):
+    assert seed[key]['name'] in names
+    assert 1 <= seed[key]['held_out_rank'] <= len(names)
+  assert seed['hindsight']['held_out_rank'] == 1
+  for row in results['summary']['rows'].values():
+    assert all(map(math.isfinite, row['held_out_loss_per_seed']))
+  assert seed['snapshots'] == 3  # steps 3, 6 and the last, 7
+  spacings = seed['synthesis']['model_error_by_spacing']
+  assert set(spacings) == {3, 6}  # and from steps 6 and 7 alone
+  for errors in spacings.values():
+    assert all(math.isfinite(e['max']) for e in errors.values())
+  assert 0 <= seed['posthoc']['residual'] < 1
+  assert _posthoc_lm_report.report(results, 'smoke').count('\n') > 20
+
+
+def test_profile_sums_are_the_online_models(results):
+  defaults = results['per_seed'][0]['defaults']
+  assert {d['name'] for d in defaults.values()} == set(
+      results['defaults'].values())
+  assert all(name.endswith('/f=1') for name in results['defaults'].values())
+  for default in defaults.values():  # updated every step: a real check
+    assert default['profile_check'] < 1e-4
+
+
+def test_validation_windows_are_never_trained_on():
+  train = np.arange(1000) % 256
+  rest, validation = _posthoc_lm.validation_split(train, 4, 8)
+  assert len(rest) == 1000 - 4 * 9
+  np.testing.assert_array_equal(validation.ravel(), train[-36:])
+  with pytest.raises(ValueError, match='quarter'):
+    _posthoc_lm.validation_split(train, 40, 8)
