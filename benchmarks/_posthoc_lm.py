@@ -8,9 +8,9 @@ synthesized from those snapshots in one ``optax_bema.synthesize`` pass, each
 synthesized model is scored on a VALIDATION split, and the best is kept. The
 validation windows are the training text's last bytes, which no training
 batch samples; the held-out windows are the corpus' tail, as in the main
-comparison, and only the report reads them. ``snapshot_every`` shares no
-factor with the grid's ``update_freq``: no setting is reproduced from the
-saved iterates alone.
+comparison, and only the report reads them. ``snapshot_every`` is coprime
+with every ``update_freq`` of the grid, so no setting reads only saved steps
+(which would make its synthesis exact through the saved params alone).
 
 The choice is compared with the models the grid's settings really return on
 that trajectory. Tracking 100+ stabilizers online costs minutes of
@@ -121,7 +121,8 @@ class ProfileSums:
     self.buffer, self.next = [], stop
 
   def models(self) -> np.ndarray:
-    self._fold()
+    if self.buffer:
+      self._fold()
     if self.next != self.profiles.shape[1]:
       raise ValueError(f'{self.next} iterates added; the profiles span '
                        f'{self.profiles.shape[1]}.')

@@ -49,7 +49,7 @@ def like_sharding(x, ref):
         and want.spec != jax.typeof(x).sharding.spec):
       return jax.sharding.reshard(x, want)
     return x
-  if (isinstance(ref.sharding, jax.sharding.NamedSharding)
+  if (isinstance(getattr(ref, 'sharding', None), jax.sharding.NamedSharding)
       and x.sharding != ref.sharding):
     return jax.device_put(x, ref.sharding)
   return x

@@ -379,28 +379,36 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
   wanted = np.stack([profile(targets[k], num_steps) for k in names])
   coefficients, residuals = _profiles.fit(wanted, np.stack(columns),
                                           ridge=ridge)
-  # Pass 2: one weighted sum per target, a snapshot at a time.
+  # Pass 2: one weighted sum per target, a snapshot at a time, each
+  # snapshot's columns added to every target's sum in one compiled call.
+  coefficients = np.atleast_2d(coefficients)
   sums: Any = None
   for i, (opt_state, params) in enumerate(snapshots):
     tracked = _tree.find_state(opt_state, (AveragesState,),
                                caller='synthesize', what='averages state',
                                missing='')
-    for j, (at, member) in enumerate(sources):
-      if at != i:
-        continue
-      array = _tree.as_accumulator(
-          params if member is None
-          else _readout.model(tracked.members[member], params), None)
-      if sums is None:
-        sums = [jax.tree.map(jnp.zeros_like, array) for _ in names]
-      sums = [jax.tree.map(lambda acc, x, c=float(c[j]): acc + c * x, acc,
-                           array)
-              for acc, c in zip(sums, coefficients)]
+    at = [j for j, (snapshot, _) in enumerate(sources) if snapshot == i]
+    arrays = [jax.device_put(_tree.as_accumulator(
+        params if sources[j][1] is None
+        else _readout.model(tracked.members[sources[j][1]], params), None))
+              for j in at]
+    if sums is None:
+      sums = [jax.tree.map(jnp.zeros_like, arrays[0]) for _ in names]
+    sums = _accumulate(sums, arrays,
+                       jnp.asarray(coefficients[:, at], jnp.float32))
   models = {k: _tree.cast_like_params(s, params) for k, s in zip(names, sums)}
   residual = {k: float(r) for k, r in zip(names, np.atleast_1d(residuals))}
   if single:
     return Synthesized(models[None], residual[None])
   return Synthesized(models, residual)
+
+
+@jax.jit
+def _accumulate(sums, arrays, weights):
+  """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf."""
+  return [jax.tree.map(lambda acc, *xs, w=w: acc + sum(
+      w[j] * x for j, x in enumerate(xs)), total, *arrays)
+          for total, w in zip(sums, weights)]
 
 
 def _padded(weights: np.ndarray, num_steps: int) -> np.ndarray:

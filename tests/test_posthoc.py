@@ -296,3 +296,14 @@ def test_combined_models_stay_at_their_last_finite_values(name):
         assert np.isfinite(models[k]['w']).all(), k
         if k != 'bema':  # BEMA at update_freq=2 froze at step 3
           np.testing.assert_array_equal(models[k]['w'], before[k]['w'])
+
+
+def test_synthesize_reads_snapshots_saved_to_host_memory(posthoc_run):
+  """Checkpoints hold NumPy arrays (``jax.device_get``), as Orbax restores."""
+  _, _, snapshots = posthoc_run
+  saved = [(_posthoc_part(s), p) for s, p in snapshots[:20]]
+  target = TARGETS['dema 0.6']
+  on_device = optax_bema.synthesize(target, saved)
+  on_host = optax_bema.synthesize(target, jax.device_get(saved))
+  np.testing.assert_allclose(on_host.model, on_device.model, rtol=1e-6)
+  assert on_host.residual == on_device.residual

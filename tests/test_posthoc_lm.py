@@ -69,3 +69,13 @@ def test_validation_windows_are_never_trained_on():
   np.testing.assert_array_equal(validation.ravel(), train[-36:])
   with pytest.raises(ValueError, match='quarter'):
     _posthoc_lm.validation_split(train, 40, 8)
+
+
+@pytest.mark.parametrize('steps', [4, 7, 8])  # blocks of 4: full, partial
+def test_profile_sums_are_the_matrix_product(steps):
+  rng = np.random.default_rng(0)
+  profiles, iterates = rng.normal(size=(3, steps)), rng.normal(size=(steps, 5))
+  sums = _posthoc_lm.ProfileSums(profiles, 5, block=4)
+  for theta in iterates:
+    sums.add(theta.astype(np.float32))
+  np.testing.assert_allclose(sums.models(), profiles @ iterates, atol=1e-5)
