@@ -202,9 +202,9 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     bias_multiplier: gamma_alpha, the step's factor in alpha_t's base; by
       default ``multiplier``. A separate value lets alpha_t and beta_t decay
       on different clocks, e.g. the BEMA paper's theory-matched setting for
-      SGD with step eta on curvature a: ``ema_power=1, lag=1, multiplier=1``
-      (beta_t = 1/(1 + t)) and ``bias_power=1, bias_multiplier=eta * a``
-      (alpha_t close to 1 / (eta a t)).
+      SGD with step eta on curvature a: ``ema_power=1, lag=0,
+      multiplier=1`` (beta_t = 1/t, the running mean) and ``bias_power=1,
+      bias_multiplier=eta * a`` (alpha_t = 1 / (eta a t)).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
