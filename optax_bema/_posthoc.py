@@ -344,14 +344,10 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
   # Pass 1: the steps and the tracked averages' settings.
   layout, structure, last = [], None, -1
   for opt_state, params in snapshots:
-    tracked = _tree.find_state(
-        opt_state, (AveragesState,), caller='synthesize',
-        what='averages state', missing='Train with optax_bema.posthoc_ema() '
-        '(or optax_bema.averages(...)) last in the chain and save its state.')
-    counts = {k: int(s.count) for k, s in tracked.members.items()}
-    step = max(counts.values())
-    skipped = {k: int(s.nonfinite_count) for k, s in tracked.members.items()
-               if int(s.nonfinite_count)}
+    tracked = _tracked(opt_state)
+    step = max(int(s.count) for s in tracked.members.values())
+    skipped = {k: n for k, n in ((k, int(s.nonfinite_count))
+                                 for k, s in tracked.members.items()) if n}
     if skipped:
       raise ValueError(f'synthesize: the averages skipped non-finite iterates '
                        f'({skipped} by step {step}); their profiles are not '
@@ -384,9 +380,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
   coefficients = np.atleast_2d(coefficients)
   sums: Any = None
   for i, (opt_state, params) in enumerate(snapshots):
-    tracked = _tree.find_state(opt_state, (AveragesState,),
-                               caller='synthesize', what='averages state',
-                               missing='')
+    tracked = _tracked(opt_state)
     at = [j for j, (snapshot, _) in enumerate(sources) if snapshot == i]
     arrays = [jax.device_put(_tree.as_accumulator(
         params if sources[j][1] is None
@@ -401,6 +395,14 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
   if single:
     return Synthesized(models[None], residual[None])
   return Synthesized(models, residual)
+
+
+def _tracked(opt_state) -> AveragesState:
+  """The one averages state a snapshot holds."""
+  return _tree.find_state(
+      opt_state, (AveragesState,), caller='synthesize',
+      what='averages state', missing='Train with optax_bema.posthoc_ema() '
+      '(or optax_bema.averages(...)) last in the chain and save its state.')
 
 
 @jax.jit
