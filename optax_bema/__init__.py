@@ -1,11 +1,11 @@
 """optax_bema: weight averages that make the returned model better.
 
 Stabilizers that average the training trajectory without changing it (EMA,
-BEMA, DEMA, OUEMA), as Optax transforms that go last in a chain; PACE, AdamW
+BEMA, DEMA, OUEMA, EDM2's power-function EMA), as Optax transforms that go last in a chain; PACE, AdamW
 pulled toward its own EMA; the adaptive AdEMAMix; the model they return
 through :func:`averaged_params`; and the tools to choose the average after
 training (:func:`averages`, :func:`profile`, :func:`replay`,
-:func:`posthoc_ema`, :func:`synthesize`).
+:func:`posthoc_ema`, :func:`snapshot_steps`, :func:`synthesize`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
@@ -15,12 +15,11 @@ from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import AveragesState
-from optax_bema._posthoc import Synthesized
 from optax_bema._posthoc import averages
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import profile
 from optax_bema._posthoc import replay
-from optax_bema._posthoc import synthesize
+from optax_bema._posthoc import uniform_profile
 from optax_bema._readout import averaged_params
 from optax_bema._stabilizers import BemaState
 from optax_bema._stabilizers import DemaState
@@ -30,6 +29,10 @@ from optax_bema._stabilizers import bema
 from optax_bema._stabilizers import dema
 from optax_bema._stabilizers import ema
 from optax_bema._stabilizers import ouema
+from optax_bema._stabilizers import power_ema
+from optax_bema._synthesis import Synthesized
+from optax_bema._synthesis import snapshot_steps
+from optax_bema._synthesis import synthesize
 
 __version__ = '0.1.0'
 
@@ -53,7 +56,10 @@ __all__ = [
     'pace',
     'pace_telemetry',
     'posthoc_ema',
+    'power_ema',
     'profile',
     'replay',
+    'snapshot_steps',
     'synthesize',
+    'uniform_profile',
 ]

@@ -29,13 +29,13 @@ class AdaptiveAdemamixState(NamedTuple):
 
 def adaptive_ademamix(
     learning_rate: optax.ScalarOrSchedule,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     b3: optax.ScalarOrSchedule = 0.9999,
     alpha: optax.ScalarOrSchedule = 4.0,
     eps: float = 1e-8,
     weight_decay: float = 0.01,
-    *,
     variance_decay: float = 0.99,
     clip_norm: Optional[float] = 1.0,
     mu_dtype: Optional[jnp.dtype] = None,
@@ -78,6 +78,11 @@ def adaptive_ademamix(
   those of ``optax.chain(optax.clip_by_global_norm(clip_norm),
   optax.contrib.ademamix(learning_rate, ..., alpha=alpha))`` exactly.
   Memory: AdEMAMix's three parameter-sized buffers, plus two (mu, sigma^2).
+
+  Every argument after ``learning_rate`` is keyword-only:
+  ``optax.contrib.ademamix``'s seventh positional argument is ``eps_root``
+  where this one would take ``weight_decay``, and its ``alpha`` defaults to
+  5.0 (4.0 here, the report's) and ``weight_decay`` to 0.0 (0.01 here).
 
   Args:
     learning_rate: eta, a float or an optax schedule.

@@ -1,9 +1,10 @@
 """The engine every stabilizer runs on, written once.
 
-The power-law weights, the update-step predicate (burn-in and
-``update_freq``), the iterate theta_t = params + updates, the non-finite
-guard, and where the state lives. A stabilizer contributes a :class:`Rule`:
-its state class and a short sequence of named field updates.
+The iterate theta_t = params + updates, the burn-in, the update steps and the
+weights (all read from the stabilizer's :class:`~optax_bema._schedule.Schedule`),
+the non-finite guard, and where the state lives. A stabilizer contributes a
+:class:`Rule`: its state class, a short sequence of named field updates, and
+its profile (its model as weights on the iterates, ``_profiles``).
 """
 
 from __future__ import annotations
@@ -19,30 +20,28 @@ from optax_bema import _tree
 from optax_bema._placement import OnDevice
 from optax_bema._placement import OnHost
 from optax_bema._placement import like_sharding
-
-
-def power_law(t, *, lag, multiplier, power, floor=None) -> jax.Array:
-  """w(t) = max((lag + multiplier t) ** -power, floor), in float32."""
-  t = jnp.asarray(t, _tree.SCALAR_DTYPE)
-  base = (jnp.asarray(lag, _tree.SCALAR_DTYPE)
-          + jnp.asarray(multiplier, _tree.SCALAR_DTYPE) * t)
-  weight = base ** (-jnp.asarray(power, _tree.SCALAR_DTYPE))
-  if floor is not None:
-    weight = jnp.maximum(weight, jnp.asarray(floor, _tree.SCALAR_DTYPE))
-  return weight
-
-
-def is_update_step(t, *, update_after, update_freq) -> jax.Array:
-  """t > update_after and (t - update_after) is a multiple of update_freq."""
-  since = t - jnp.asarray(update_after, t.dtype)
-  return (since > 0) & (since % jnp.asarray(update_freq, t.dtype) == 0)
+from optax_bema._schedule import SCALAR_DTYPE
+from optax_bema._schedule import Schedule
 
 
 class Weights(NamedTuple):
-  """The scalars of step t, all float32."""
+  """The scalars of step t, all float32, and the schedule they came from."""
   t: jax.Array
   beta: jax.Array   # the EMA weight
   alpha: jax.Array  # the bias-correction weight
+  schedule: Schedule
+
+
+def guard(due, theta, finite=None):
+  """The non-finite guard: ``(ok, skipped)``.
+
+  An update happens where ``ok``: it is due and the iterate theta_t is all
+  finite (``finite``, if given, says so already), so an average never takes
+  in a non-finite iterate; ``skipped`` (int32, 0 or 1) counts a due update
+  refused, for the state's ``nonfinite_count``.
+  """
+  finite = _tree.all_finite(theta) if finite is None else finite
+  return due & finite, (due & ~finite).astype(jnp.int32)
 
 
 class Field(NamedTuple):
@@ -59,19 +58,22 @@ class Rule(NamedTuple):
   """What one stabilizer adds to the engine.
 
   Attributes:
-    name: the public name, for error messages.
+    name: the public name, for error messages and saved states.
     state_cls: its NamedTuple state: ``count``, ``nonfinite_count``, then its
       fields.
     averages: its parameter-sized fields; a burn-in step sets each to theta_t.
     update: the field updates of an update step, applied in order: each sees
       the state with the fields before it already updated (DEMA's second EMA
       averages the new first one).
+    profile: its model as weights on the iterates: a function of the
+      schedule and the steps at which the model is wanted (``_profiles``).
     scalars: its scalar fields and their values at init and after a burn-in.
   """
   name: str
   state_cls: type
   averages: tuple[str, ...]
   update: tuple[Field, ...]
+  profile: Callable[..., Any]
   scalars: tuple[tuple[str, float], ...] = ()
 
 
@@ -79,41 +81,31 @@ class Stabilizer(optax.GradientTransformationExtraArgs):
   """A stabilizer's transform, which also knows what it computes.
 
   Attributes (set at construction):
-    kind: ``'ema'``, ``'bema'``, ``'dema'``, ``'ouema'`` (or ``'initial'``).
+    rule: its :class:`Rule` (``rule.name`` is its kind: ``'ema'``, ...).
+    schedule: its :class:`~optax_bema._schedule.Schedule`; with the rule's
+      profile it gives the model's weights on the iterates.
     update_given_finite: ``update`` with the iterate's non-finite test
       done once for several stabilizers (``optax_bema.averages``).
-    hyperparams: the weight schedule's settings, by argument name; with them
-      :func:`optax_bema.profile` gives the model's weights on the iterates.
   """
 
+  @property
+  def kind(self) -> str:
+    return self.rule.name
 
-def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
-               update_after, update_freq, min_ema_multiplier,
-               accumulator_dtype, offload_to_host=False,
-               bias_multiplier=None) -> Stabilizer:
-  """The transform: schedule, predicate and guard around ``rule``.
 
-  ``bias_multiplier`` (by default ``multiplier``) is gamma in the bias
-  weight's base, alpha_t = (lag + bias_multiplier t) ** -bias_power.
-  """
-  if bias_multiplier is None:
-    bias_multiplier = multiplier
-  _checks.check(rule.name, 'bias_multiplier', bias_multiplier,
-                *_checks.NONNEGATIVE)
-  _checks.check_power_law(rule.name, power=ema_power, lag=lag,
-                          multiplier=multiplier, floor=min_ema_multiplier)
-  _checks.check(rule.name, 'bias_power', bias_power, *_checks.NONNEGATIVE,
-                allow_inf=True)  # inf: no bias correction, i.e. EMA
-  _checks.check_schedule(rule.name, update_after=update_after,
-                         update_freq=update_freq)
+def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
+               offload_to_host=False) -> Stabilizer:
+  """The transform: schedule, predicate and guard around ``rule``."""
+  schedule.check(rule.name)
   place = OnHost if offload_to_host else OnDevice
+  update_after, update_freq = schedule.update_after, schedule.update_freq
   # An update every step needs no branch: one fused, masked pass.
-  every_step = _checks.is_static(update_freq) and update_freq == 1
+  every_step = _static_equal(update_freq, 1)
   # Without a burn-in its branch would never be taken; don't build it.
-  has_burn_in = not (_checks.is_static(update_after) and int(update_after) == 0)
+  has_burn_in = not _static_equal(update_after, 0)
   reset = tuple(Field(n) for n in rule.averages) + tuple(
       Field(n, lambda w, theta, s, v=v:  # type: ignore[misc]
-            jnp.asarray(v, _tree.SCALAR_DTYPE))
+            jnp.asarray(v, SCALAR_DTYPE))
       for n, v in rule.scalars)
 
   def init_fn(params):
@@ -123,7 +115,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
         count=jnp.zeros([], jnp.int32),
         nonfinite_count=jnp.zeros([], jnp.int32),
         **{name: jax.tree.map(copy, params) for name in rule.averages},
-        **{n: jnp.asarray(v, _tree.SCALAR_DTYPE) for n, v in rule.scalars})
+        **{n: jnp.asarray(v, SCALAR_DTYPE) for n, v in rule.scalars})
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -142,8 +134,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
         {name: getattr(state, name) for name in rule.averages}))
     t = optax.safe_increment(state.count)
     in_burn_in = t <= jnp.asarray(update_after, t.dtype)
-    due = is_update_step(t, update_after=update_after,
-                         update_freq=update_freq)
+    due = schedule.is_update_step(t)
     # theta_t in the params' dtypes: the very array optax.apply_updates
     # makes, so XLA computes it once. The branches cast it: a float32 copy of
     # bfloat16 params made out here would be written out on every step.
@@ -158,15 +149,10 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
       theta = jax.tree.map(
           like_sharding, _tree.as_accumulator(current, accumulator_dtype),
           getattr(state, rule.averages[0]))  # laid out as the state
-      finite = (_tree.all_finite(theta) if shared_finite is None
-                else shared_finite)
-      ok = due & finite
-      weights = Weights(
-          t=jnp.asarray(t, _tree.SCALAR_DTYPE),
-          beta=power_law(t, lag=lag, multiplier=multiplier, power=ema_power,
-                         floor=min_ema_multiplier),
-          alpha=power_law(t, lag=lag, multiplier=bias_multiplier,
-                          power=bias_power))
+      ok, skipped = guard(due, theta, shared_finite)
+      time = jnp.asarray(t, SCALAR_DTYPE)
+      weights = Weights(t=time, beta=schedule.beta(time, jnp),
+                        alpha=schedule.alpha(time, jnp), schedule=schedule)
       seen, changed = place.load(state), {}
       for name, new in fields:
         value = theta if new is None else new(weights, theta, seen)
@@ -176,8 +162,7 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
         # Later fields read the value kept (XLA then reads what it wrote
         # rather than keep the old value alive: a copy).
         seen = seen._replace(**{name: value})
-      changed['nonfinite_count'] = (
-          state.nonfinite_count + (due & ~finite).astype(jnp.int32))
+      changed['nonfinite_count'] = state.nonfinite_count + skipped
       return changed
 
     def branch(state, fields, due):
@@ -202,10 +187,11 @@ def stabilizer(rule: Rule, *, ema_power, bias_power, lag, multiplier,
 
   transform = Stabilizer(init_fn, update_fn)
   transform.update_given_finite = update_given_finite
-  transform.kind = rule.name
-  transform.hyperparams = dict(
-      ema_power=ema_power, bias_power=bias_power, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      bias_multiplier=bias_multiplier)
+  transform.rule = rule
+  transform.schedule = schedule
   return transform
+
+
+def _static_equal(value, number) -> bool:
+  """Whether ``value`` is known at construction to equal ``number``."""
+  return _checks.is_static(value) and value == number

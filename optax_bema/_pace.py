@@ -16,6 +16,7 @@ import optax
 
 from optax_bema import _checks
 from optax_bema import _engine
+from optax_bema import _schedule
 from optax_bema import _tree
 
 # The EMA weight never falls below this, however long training runs.
@@ -92,11 +93,11 @@ def pace_telemetry(opt_state) -> PaceTelemetry:
 
 def pace(
     learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    *,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: float = 0.01,
-    *,
     pullback: float,
     ema_power: float,
     delay: float = 0.0,
@@ -156,6 +157,15 @@ def pace(
   ``optax.apply_if_finite(optax_bema.pace(...), max_consecutive_errors)``,
   whose state :func:`averaged_params` and :func:`pace_telemetry` read as
   they read PACE's own.
+
+  Every argument after ``learning_rate`` is keyword-only: optax.adamw's
+  fifth positional argument is ``eps_root``, PACE has none. Its
+  ``weight_decay`` defaults to 0.01 (the PACE paper's), where
+  ``optax.adamw``'s defaults to 1e-4. Its EMA weight (1 + gamma max(0, t -
+  rho)) ** -kappa, floored at 1e-4, counts from the ``delay``; the
+  stabilizers' weight (lag + multiplier t) ** -ema_power has an offset
+  ``lag`` instead, and a floor ``min_ema_multiplier`` (0 by default). With
+  ``delay=0``, PACE's equals the stabilizers' with ``lag=1``.
 
   Args:
     learning_rate: eta, a float or an optax schedule; required.
@@ -225,6 +235,11 @@ def pace(
   decay = optax.add_decayed_weights(weight_decay, mask)
   every_step = _checks.is_static(update_freq) and update_freq == 1
   cap = 1.0 if clip_pullback else float('inf')
+  # The stabilizers' power law at t' = max(0, t - delay), with lag 1 and a
+  # floor: (1 + multiplier t') ** -ema_power, never below 1e-4.
+  ema_schedule = _schedule.Schedule(ema_power=ema_power, lag=1.0,
+                                    multiplier=multiplier,
+                                    min_ema_multiplier=_DECAY_FLOOR)
 
   def init_fn(params):
     return PaceState(
@@ -250,9 +265,8 @@ def pace(
 
     scale = jax.tree.map(
         jnp.sqrt, optax.tree.bias_correction(adam_state.nu, b2, t))
-    beta = _engine.power_law(
-        jnp.maximum(jnp.asarray(t, _tree.SCALAR_DTYPE) - delay, 0.0),
-        lag=1.0, multiplier=multiplier, power=ema_power, floor=_DECAY_FLOOR)
+    beta = ema_schedule.beta(jnp.maximum(
+        jnp.asarray(t, _tree.SCALAR_DTYPE) - delay, 0.0), jnp)
     # In float32 whether or not inject_hyperparams made lr an array.
     strength = (jnp.asarray(lr, _tree.SCALAR_DTYPE)
                 * jnp.asarray(pullback, _tree.SCALAR_DTYPE) * beta)
@@ -268,16 +282,14 @@ def pace(
                                  accumulator_dtype)
     # The live weights may go non-finite (a NaN gradient poisons Adam's
     # moments); the EMA, the model PACE returns, never takes such an iterate.
-    finite = _tree.all_finite(theta)
     due = jnp.asarray(True) if every_step else (
         (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0)
-    ok = due & finite
+    ok, skipped = _engine.guard(due, theta)
     ema = optax.tree.where(ok, _tree.ema_tree(beta, state.ema, theta),
                            state.ema)
     return updates, PaceState(
         count=t,
-        nonfinite_count=(state.nonfinite_count
-                         + (due & ~finite).astype(jnp.int32)),
+        nonfinite_count=state.nonfinite_count + skipped,
         mu=adam_state.mu, nu=adam_state.nu, ema=ema,
         last_ema_step=jnp.where(ok, t, state.last_ema_step),
         gain=PaceGain(*(jnp.asarray(v, _tree.SCALAR_DTYPE) for v in (

@@ -1,15 +1,17 @@
-"""Choosing the average after training: several averages in one pass, their
-profiles, exact replay from saved iterates, and post-hoc synthesis.
+"""Choosing the average after training: several averages in one pass, what a
+saved state says it holds, profiles, and exact replay from saved iterates.
 
 Every stabilizer's model after step T is a fixed linear combination of the
 iterates theta_0..theta_T (its *profile*, ``_profiles``). Replay runs a
 stabilizer's own update on the saved iterates at the steps it reads;
-synthesis matches a target's profile with the profiles of averages tracked
-during training and combines their saved values with the same weights.
+synthesis (``_synthesis``) matches a target's profile with the profiles of
+averages tracked during training.
 """
 
 from __future__ import annotations
 
+import json
+import numbers
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 import jax
@@ -20,52 +22,76 @@ import optax
 from optax_bema import _engine
 from optax_bema import _profiles
 from optax_bema import _readout
+from optax_bema import _schedule
 from optax_bema import _stabilizers
 from optax_bema import _tree
 
-# The order of a member's settings in AveragesState.settings.
-_SETTINGS = ('ema_power', 'bias_power', 'lag', 'multiplier', 'update_after',
-             'update_freq', 'min_ema_multiplier', 'bias_multiplier')
-_KINDS = _profiles.KINDS + ('initial',)
+# What a saved state's record of a member looks like; bump on any change.
+FORMAT_VERSION = 1
+# Every rule a saved state may name, by its name.
+RULES = {r.name: r for r in (
+    _stabilizers.EMA, _stabilizers.POWER_EMA, _stabilizers.DEMA,
+    _stabilizers.OUEMA, _stabilizers.INITIAL,
+    _stabilizers._bema_rule(reads_params=False))}  # its profile and state
 DEFAULT_POSTHOC_POWERS = (0.3, 0.5, 0.9)
+DEFAULT_POSTHOC_STDS: tuple[float, ...] = ()
 
 
 class AveragesState(NamedTuple):
   """State of :func:`averages`: each member's state, and what it computes.
 
-  ``settings[name]`` is a float32 vector: the member's kind (an index into
-  ``('ema', 'bema', 'dema', 'ouema', 'initial')``), then its ema_power,
-  bias_power, lag, multiplier, update_after, update_freq,
-  min_ema_multiplier and bias_multiplier, so that a saved state alone says
-  which average each member is (:func:`synthesize` reads it).
+  ``settings[name]`` records the member as UTF-8 JSON bytes (a uint8
+  array): ``{"format": 1, "kind": "ema", "settings": {"ema_power": 0.5,
+  ...}}``, the member's kind and its schedule by name, so that a saved
+  state alone says which average each member is (:func:`synthesize` reads
+  it). Bytes, not floats: a checkpoint cast to bfloat16 keeps them exact.
   """
   members: dict
   settings: dict
 
 
-def _settings_vector(member: _engine.Stabilizer) -> jax.Array:
-  hp = member.hyperparams
-  return jnp.asarray([_KINDS.index(member.kind)]
-                     + [float(hp[k]) for k in _SETTINGS], jnp.float32)
+def encode(member: _engine.Stabilizer) -> jax.Array:
+  """The record of a member, as saved in :class:`AveragesState`."""
+  settings = {k: (int(v) if k.startswith('update_') else float(v))
+              for k, v in member.schedule.settings().items()}
+  text = json.dumps(dict(format=FORMAT_VERSION, kind=member.kind,
+                         settings=settings), sort_keys=True)
+  return jnp.asarray(np.frombuffer(text.encode(), np.uint8))
 
 
-def _settings_of(vector) -> tuple[str, dict]:
-  vector = np.asarray(vector, np.float64)
-  kind = _KINDS[int(vector[0])]
-  hp = dict(zip(_SETTINGS, vector[1:].tolist()))
-  for key in ('update_after', 'update_freq'):
-    hp[key] = int(round(hp[key]))
-  return kind, hp
+def decode(record, where: str) -> tuple[_engine.Rule, _schedule.Schedule]:
+  """The rule and schedule a saved record names; ``ValueError`` if the
+  record is not one this version can read exactly."""
+  raw = np.asarray(record)
+  try:
+    if raw.ndim != 1 or not np.array_equal(raw, np.round(raw)):
+      raise ValueError('not whole bytes')
+    data = json.loads(bytes(raw.astype(np.uint8)).decode())
+    version, kind = data['format'], data['kind']
+    settings = data['settings']
+  except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
+    raise ValueError(
+        f'{where}: the saved record of this average cannot be read ({e}); '
+        'it was not written by optax_bema.averages, or was altered (e.g. '
+        'cast to another dtype as floats).') from None
+  if version != FORMAT_VERSION or kind not in RULES:
+    raise ValueError(
+        f'{where}: a record of format {version!r}, kind {kind!r}; this '
+        f'version of optax_bema reads format {FORMAT_VERSION} of the kinds '
+        f'{sorted(RULES)}. Upgrade optax_bema to read it.')
+  return RULES[kind], _schedule.from_settings(settings)
 
 
-def _require_stabilizer(transform, caller: str, what: str):
+def require_stabilizer(transform, caller: str, what: str):
+  """``TypeError`` unless ``transform`` is a stabilizer built from numbers."""
   if not isinstance(transform, _engine.Stabilizer):
     raise TypeError(
-        f'{caller}: {what} must be a stabilizer (optax_bema.ema, bema, dema '
-        f'or ouema), got {type(transform).__name__}. PACE changes training, '
-        'so it has no profile; optax.inject_hyperparams hides the settings.')
+        f'{caller}: {what} must be a stabilizer (optax_bema.ema, bema, dema, '
+        f'ouema or power_ema) or a profile (a NumPy array of weights), got '
+        f'{type(transform).__name__}. PACE changes training, so it has no '
+        'profile; optax.inject_hyperparams hides the settings.')
   if not all(isinstance(v, (int, float, np.number))
-             for v in transform.hyperparams.values()):
+             for v in transform.schedule.settings().values()):
     raise TypeError(f'{caller}: {what} has array-valued settings; build it '
                     'with numbers.')
 
@@ -102,12 +128,13 @@ def averages(**members: _engine.Stabilizer
     raise ValueError('averages: give at least one stabilizer, e.g. '
                      'averages(ema=optax_bema.ema()).')
   for name, member in members.items():
-    _require_stabilizer(member, 'averages', f'member {name!r}')
+    require_stabilizer(member, 'averages', f'member {name!r}')
+  records = {k: encode(m) for k, m in members.items()}
 
   def init_fn(params):
     return AveragesState(
         members={k: m.init(params) for k, m in members.items()},
-        settings={k: _settings_vector(m) for k, m in members.items()})
+        settings={k: jnp.array(r) for k, r in records.items()})
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -122,45 +149,45 @@ def averages(**members: _engine.Stabilizer
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS, lag: float = 10.0,
+def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
+                stds=DEFAULT_POSTHOC_STDS, *, lag: float = 10.0,
                 multiplier: float = 1.0, update_after: int = 0,
                 accumulator_dtype: Optional[jnp.dtype] = None,
                 offload_to_host: bool = False,
                 ) -> optax.GradientTransformationExtraArgs:
-  r"""Tracks a few EMAs of different lengths, to choose any average later.
+  r"""Tracks a few averages of different widths, to choose any average later.
 
-  One EMA per power in ``ema_powers``, each updated every step with
-  :math:`\beta_t = (\rho + \gamma t)^{-\kappa}`, and theta_0. Save the
-  optimizer state (and the params) with your ordinary checkpoints every k
-  steps; after training, :func:`synthesize` returns the model any stabilizer
-  (EMA, BEMA, DEMA, OUEMA, any settings) would have returned, as in the
-  post-hoc EMA of EDM2. The defaults (0.3, 0.5, 0.9), with snapshots every
-  20 steps of 2000 on a noisy quadratic, reproduce untracked EMA, BEMA,
-  DEMA and OUEMA targets to within 0.02% of their distance from the last
-  iterate (0.6% for BEMA updated every 5 steps); every 100 steps, to 5%.
-  Cost: that many EMAs, plus one copy for theta_0.
+  One power-law EMA per power in ``ema_powers`` (:math:`\beta_t = (\rho +
+  \gamma t)^{-\kappa}`), one power-function EMA (:func:`power_ema`) per
+  relative width in ``stds``, all updated every step, and theta_0. Save the
+  optimizer state (and the params) with your checkpoints, at the steps
+  :func:`snapshot_steps` names; after training, :func:`synthesize` returns
+  the model any stabilizer (EMA, BEMA, DEMA, OUEMA, power-function EMA, any
+  settings) or any linear average of the iterates would have returned, as
+  in the post-hoc EMA of EDM2. Cost: one parameter-sized copy per tracked
+  average, plus one for theta_0.
 
   Args:
-    ema_powers: kappa of each tracked EMA; 0.5 is the library's default EMA,
-      which is then also returned exactly.
-    lag: rho, the offset of every EMA weight's base.
+    ema_powers: kappa of each tracked power-law EMA.
+    stds: sigma_rel of each tracked power-function EMA.
+    lag: rho, the offset of every power-law EMA weight's base.
     multiplier: gamma, the step's factor in that base.
     update_after: the burn-in, as for every stabilizer.
     accumulator_dtype: dtype of the averages (float32 for low-precision
-      weights by default). Save snapshots in float32: bfloat16 rounding is
-      amplified by the synthesis' coefficients.
+      weights by default).
     offload_to_host: keep the averages in host memory between steps.
 
   Returns:
-    :func:`averages` of the EMAs (named ``'ema_power=<kappa>'``) and of
-    theta_0 (named ``'initial'``).
+    :func:`averages` of the EMAs (named ``'ema_power=<kappa>'`` and
+    ``'std=<std>'``) and of theta_0 (named ``'initial'``).
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.sgd(0.1), optax_bema.posthoc_ema())
+    >>> tx = optax.chain(optax.sgd(0.1), optax_bema.posthoc_ema(
+    ...     ema_powers=(0.5,), stds=(0.05, 0.1)))
     >>> state = tx.init(jnp.ones(3))
     >>> sorted(optax.tree.get(state, 'members'))
-    ['ema_power=0.3', 'ema_power=0.5', 'ema_power=0.9', 'initial']
+    ['ema_power=0.5', 'initial', 'std=0.05', 'std=0.1']
 
   References:
     Karras et al., `Analyzing and Improving the Training Dynamics of
@@ -170,13 +197,29 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS, lag: float = 10.0,
   shared: dict = dict(accumulator_dtype=accumulator_dtype,
                       offload_to_host=offload_to_host,
                       update_after=update_after)
+  ema_powers, stds = tuple(ema_powers), tuple(stds)
   members = {f'ema_power={float(p):g}': _stabilizers.ema(
       ema_power=p, lag=lag, multiplier=multiplier, update_freq=1, **shared)
              for p in ema_powers}
-  if len(members) != len(tuple(ema_powers)) or not members:
-    raise ValueError(f'posthoc_ema: ema_powers must be distinct and at least '
-                     f'one, got {ema_powers}.')
+  members.update({f'std={float(s):g}': _stabilizers.power_ema(s, **shared)
+                  for s in stds})
+  if len(members) != len(ema_powers) + len(stds) or not members:
+    raise ValueError(f'posthoc_ema: track at least one average, each width '
+                     f'once; got ema_powers={ema_powers}, stds={stds}.')
   return averages(**members, initial=_stabilizers.initial_params(**shared))
+
+
+def whole_step(value, caller: str, what: str = 'a step') -> int:
+  """``value`` as an int >= 0: ``TypeError`` if it is not an integer (a
+  Python, NumPy or 0-d JAX integer), ``ValueError`` if negative."""
+  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f'{caller}: {what} must be an integer, got {value!r} '
+                    f'({type(value).__name__}).')
+  if value < 0:
+    raise ValueError(f'{caller}: {what} must be >= 0, got {value}.')
+  return int(value)
 
 
 def profile(stabilizer: _engine.Stabilizer, num_steps: int) -> np.ndarray:
@@ -185,11 +228,13 @@ def profile(stabilizer: _engine.Stabilizer, num_steps: int) -> np.ndarray:
   After step T = ``num_steps`` the model a stabilizer returns is
   ``sum_s w[s] theta_s`` exactly, whatever the trajectory: EMA's weights
   decay into the past (its lag), BEMA adds alpha_T on theta_T and takes it
-  from theta_0, DEMA's are partly negative on old iterates.
+  from theta_0, DEMA's are partly negative on old iterates, a
+  power-function EMA's are proportional to (s / T) ** gamma.
 
   Args:
-    stabilizer: ``optax_bema.ema(...)``, ``bema``, ``dema`` or ``ouema``.
-    num_steps: T.
+    stabilizer: ``optax_bema.ema(...)``, ``bema``, ``dema``, ``ouema`` or
+      ``power_ema``.
+    num_steps: T, an integer >= 0.
 
   Returns:
     A float64 array of ``num_steps + 1`` weights; they sum to 1.
@@ -200,23 +245,72 @@ def profile(stabilizer: _engine.Stabilizer, num_steps: int) -> np.ndarray:
     >>> w.shape, round(float(w.sum()), 6), bool(w[0] < 0)
     ((101,), 1.0, True)
   """
-  _require_stabilizer(stabilizer, 'profile', 'stabilizer')
-  return _profile(stabilizer.kind, stabilizer.hyperparams, num_steps)
+  require_stabilizer(stabilizer, 'profile', 'stabilizer')
+  num_steps = whole_step(num_steps, 'profile', 'num_steps')
+  return _profiles.dense(stabilizer.rule.profile(
+      stabilizer.schedule, np.array([num_steps])))
 
 
-def _profile(kind, hyperparams, num_steps) -> np.ndarray:
-  if kind == 'initial':
-    w = np.zeros(num_steps + 1)
-    w[min(int(hyperparams['update_after']), num_steps)] = 1.0
-    return w
-  return _profiles.profile_weights(kind, hyperparams, num_steps)
+def uniform_profile(steps, num_steps: int) -> np.ndarray:
+  """Equal weights on the iterates at ``steps``: a profile for any target.
+
+  Checkpoint averaging as LLM pretraining does it is one: the mean of the
+  last k saved checkpoints (LAWA, Kaddour 2022; ByteDance's PMA, Li et al.
+  2025), ``uniform_profile(saved_steps[-k:], T)``; so is SWA's mean of every
+  iterate from step s on (Izmailov et al. 2018),
+  ``uniform_profile(range(s, T + 1), T)``. Pass the result to
+  :func:`replay` (exact when every step it weighs was saved) or
+  :func:`synthesize`.
+
+  Args:
+    steps: the steps to average, each in [0, num_steps], distinct.
+    num_steps: T, the last step.
+
+  Returns:
+    A float64 array of ``num_steps + 1`` weights summing to 1.
+
+  Examples:
+    >>> import optax_bema
+    >>> optax_bema.uniform_profile([2, 4], 4).tolist()
+    [0.0, 0.0, 0.5, 0.0, 0.5]
+  """
+  num_steps = whole_step(num_steps, 'uniform_profile', 'num_steps')
+  steps = [whole_step(s, 'uniform_profile') for s in steps]
+  if not steps or len(set(steps)) != len(steps) or max(steps) > num_steps:
+    raise ValueError(f'uniform_profile: steps must be distinct, at least one, '
+                     f'and at most num_steps={num_steps}; got {steps}.')
+  w = np.zeros(num_steps + 1)
+  w[steps] = 1.0 / len(steps)
+  return w
 
 
-def _as_dict(targets, caller):
+def check_profile(weights, num_steps: int, caller: str) -> np.ndarray:
+  """A target given as a profile: finite float weights on 0..num_steps."""
+  w = np.asarray(weights)
+  if w.ndim != 1 or not np.issubdtype(w.dtype, np.number):
+    raise TypeError(f'{caller}: a profile target must be a 1-d array of '
+                    f'weights, got shape {w.shape}, dtype {w.dtype}.')
+  if w.shape[0] != num_steps + 1:
+    raise ValueError(
+        f'{caller}: a profile target needs one weight per step 0..T, T = '
+        f'{num_steps} the last snapshot\'s step: {num_steps + 1} weights, '
+        f'got {w.shape[0]}.')
+  if not np.isfinite(w).all() or not np.any(w):
+    raise ValueError(f'{caller}: a profile target must be finite and not '
+                     'all zero.')
+  return w.astype(np.float64)
+
+
+def as_targets(targets, caller: str):
+  """``(single, {name: target})``; a target is a stabilizer or a profile."""
   single = not isinstance(targets, Mapping)
   targets = {None: targets} if single else dict(targets)
+  if not targets:
+    raise ValueError(f'{caller}: no targets; pass a stabilizer, a profile, '
+                     'or a dict of them.')
   for name, t in targets.items():
-    _require_stabilizer(t, caller, 'a target' if single else f'{name!r}')
+    if not isinstance(t, (np.ndarray, list, tuple)):
+      require_stabilizer(t, caller, 'a target' if single else f'{name!r}')
   return single, targets
 
 
@@ -225,40 +319,53 @@ def replay(stabilizers, snapshots: Iterable[tuple[int, Any]]):
 
   Runs each stabilizer's own update on the saved params, at the steps it
   reads: the result equals the online ``optax.chain(optimizer, stabilizer)``
-  at the last snapshot to float32 precision. Streams: one snapshot on the
-  device at a time, every stabilizer in the same pass.
+  at the last snapshot to float32 precision. A profile target (weights on
+  the steps 0..T, e.g. :func:`uniform_profile`) is the weighted sum of the
+  saved params, exact when every step it weighs was saved. Streams: one
+  snapshot on the device at a time, every target in the same pass.
 
   Args:
-    stabilizers: one stabilizer, or a dict of them.
+    stabilizers: a stabilizer, a profile (a NumPy array of T + 1 weights,
+      T the last snapshot's step), or a dict of them.
     snapshots: ``(step, params)`` pairs in increasing step order, from step
       0 (the weights at init); e.g. read lazily from an Orbax
       ``CheckpointManager``: ``((s, manager.restore(s)) for s in
-      manager.all_steps())``. They must include every step a stabilizer
-      reads: the last burn-in step and every update step.
+      manager.all_steps())``. They must include every step a target reads:
+      for a stabilizer the last burn-in step and every update step.
 
   Returns:
     The model at the last snapshot (a dict of models for a dict).
 
   Raises:
     ValueError: snapshots not starting at 0, out of order, of another tree
-      structure, or missing a step a stabilizer reads (named).
-    TypeError: a target that is not a stabilizer.
+      structure or leaf shape, with non-finite values (a stabilizer online
+      would skip that update; replay refuses rather than guess), missing a
+      step a target reads (named), or a negative step.
+    TypeError: a target that is neither a stabilizer nor a profile, or a
+      step that is not an integer.
   """
-  single, targets = _as_dict(stabilizers, 'replay')
-  steps = {k: jax.jit(t.update) for k, t in targets.items()}
-  states, structure, last, params = None, None, -1, None
+  single, targets = as_targets(stabilizers, 'replay')
+  profiles = {k: t for k, t in targets.items()
+              if not isinstance(t, _engine.Stabilizer)}
+  steps = {k: jax.jit(t.update) for k, t in targets.items()
+           if k not in profiles}
+  states, layout, last, params = None, None, -1, None
+  sums: dict = {}
+  seen = []
   for step, params in snapshots:
-    step = int(step)
-    structure = _check_next(structure, params, last, step, 'replay')
+    step = whole_step(step, 'replay')
+    layout = check_next(layout, params, last, step, 'replay')
+    require_finite(params, f'replay: the params at step {step}')
     if states is None:
       if step != 0:
         raise ValueError(f'replay: the first snapshot must be step 0, the '
                          f'weights at init; got step {step}.')
-      states = {k: t.init(params) for k, t in targets.items()}
+      states = {k: targets[k].init(params) for k in steps}
     else:
-      for k, t in targets.items():
-        missing = _first_read_step_between(t.hyperparams, last, step)
-        if missing is not None:
+      for k in steps:
+        t = targets[k]
+        missing = t.schedule.next_read_step(last)
+        if missing < step:
           raise ValueError(
               f'replay: {t.kind}{"" if single else f" {k!r}"} reads step '
               f'{missing}, which has no snapshot (the last before it is step '
@@ -266,152 +373,53 @@ def replay(stabilizers, snapshots: Iterable[tuple[int, Any]]):
         zeros = jax.tree.map(jnp.zeros_like, params)
         states[k] = steps[k](zeros, states[k]._replace(
             count=jnp.asarray(step - 1, jnp.int32)), params)[1]
+    seen.append(step)
+    for k, w in profiles.items():
+      weight = float(np.asarray(w)[step]) if step < len(w) else 0.0
+      if weight:
+        term = jax.tree.map(lambda x, weight=weight: x * weight,
+                            _tree.as_accumulator(params, None))
+        sums[k] = jax.tree.map(jnp.add, sums[k], term) if k in sums else term
     last = step
   if states is None:
     raise ValueError('replay: no snapshots.')
   models = {k: _readout.averaged_params(s, params) for k, s in states.items()}
+  for k, w in profiles.items():
+    w = check_profile(w, last, 'replay')
+    unsaved = np.flatnonzero(w)[~np.isin(np.flatnonzero(w), seen)]
+    if unsaved.size:
+      raise ValueError(
+          f'replay: the profile{"" if single else f" {k!r}"} weighs step '
+          f'{unsaved[0]}, which has no snapshot; save it, or synthesize.')
+    models[k] = _tree.cast_like_params(sums[k], params)
   return models[None] if single else models
 
 
-def _first_read_step_between(hp, after: int, before: int) -> Optional[int]:
-  """The first step in (after, before) a stabilizer reads, if any."""
-  tau, freq = int(hp['update_after']), int(hp['update_freq'])
-  if after < tau < before:
-    return tau
-  first = max(after + 1, tau + 1)
-  first += (-(first - tau)) % freq  # the next update step
-  return first if first < before else None
-
-
-def _check_next(structure, params, last: int, step: int, caller: str):
-  now = jax.tree.structure(params)
-  if structure is not None and now != structure:
+def check_next(layout, params, last: int, step: int, caller: str):
+  """The snapshots' tree structure and leaf shapes stay the same, and steps
+  increase; returns the layout to compare the next snapshot with."""
+  now = (jax.tree.structure(params),
+         [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params)])
+  if layout is not None and now[0] != layout[0]:
     raise ValueError(f'{caller}: the snapshot at step {step} has another '
                      f'tree structure than the earlier ones.')
+  if layout is not None and now[1] != layout[1]:
+    changed = next(i for i, (a, b) in enumerate(zip(now[1], layout[1]))
+                   if a != b)
+    raise ValueError(
+        f'{caller}: the snapshot at step {step} has leaf {changed} of shape '
+        f'and dtype {now[1][changed]}, the earlier ones {layout[1][changed]}:'
+        ' every snapshot must come from the same model.')
   if step <= last:
     raise ValueError(f'{caller}: snapshots must be in increasing step order; '
                      f'step {step} came after step {last}.')
   return now
 
 
-class Synthesized(NamedTuple):
-  """What :func:`synthesize` returns."""
-  model: Any     # the synthesized model (a dict of them for a dict)
-  residual: Any  # ||fitted profile - target|| / ||target||, a float (dict)
-
-
-def synthesize(target, snapshots: Iterable[tuple[Any, Any]],
-               ridge: float = 1e-6) -> Synthesized:
-  """The model any stabilizer would have returned, from post-hoc snapshots.
-
-  Trains once with :func:`posthoc_ema` (or any :func:`averages`) last in the
-  chain and saves ``(opt_state, params)`` every k steps. The target's
-  profile at the last snapshot's step T is matched, in least squares, by the
-  profiles of the tracked averages at every snapshot, the saved params
-  (theta_s exactly) and theta_0; the model is the same combination of the
-  saved arrays (EDM2's post-hoc EMA, extended to every stabilizer here).
-  The relative residual of that fit says how far to trust it: near 0 the
-  synthesis is exact; a target updated every few steps has a comb-shaped
-  profile no smooth average matches step by step, yet the model error is
-  far smaller than its residual suggests, since the iterates change slowly.
-
-  ``snapshots`` is read twice (first the steps, then the arrays), one
-  snapshot on the device at a time: pass a list, or an object whose
-  ``__iter__`` loads them lazily (from an Orbax ``CheckpointManager``, say).
-
-  Args:
-    target: a stabilizer (``optax_bema.bema(...)``, ...), or a dict of them,
-      all synthesized in one pass.
-    snapshots: ``(opt_state, params)`` pairs in increasing step order, the
-      states holding one :func:`averages` / :func:`posthoc_ema` state.
-    ridge: relative Tikhonov weight of the fit; about the snapshots'
-      relative precision (1e-6 for float32).
-
-  Returns:
-    ``Synthesized(model, residual)``; dicts of both for a dict of targets.
-
-  Raises:
-    ValueError: no snapshots, out of order, another tree structure, no
-      averages state, or averages that skipped non-finite iterates (their
-      profiles are then not the nominal ones).
-    TypeError: a target that is not a stabilizer, or a one-shot iterator.
-  """
-  single, targets = _as_dict(target, 'synthesize')
-  if iter(snapshots) is snapshots:
-    raise TypeError('synthesize: snapshots are read twice; pass a list or a '
-                    're-iterable object (whose __iter__ loads them lazily), '
-                    'not a one-shot iterator or generator.')
-  # Pass 1: the steps and the tracked averages' settings.
-  layout, structure, last = [], None, -1
-  for opt_state, params in snapshots:
-    tracked = _tracked(opt_state)
-    step = max(int(s.count) for s in tracked.members.values())
-    skipped = {k: n for k, n in ((k, int(s.nonfinite_count))
-                                 for k, s in tracked.members.items()) if n}
-    if skipped:
-      raise ValueError(f'synthesize: the averages skipped non-finite iterates '
-                       f'({skipped} by step {step}); their profiles are not '
-                       'the nominal ones, so no synthesis can be trusted.')
-    structure = _check_next(structure, params, last, step, 'synthesize')
-    layout.append((step, {k: _settings_of(v)
-                          for k, v in tracked.settings.items()}))
-    last = step
-  if not layout:
-    raise ValueError('synthesize: no snapshots.')
-  num_steps = last
-  # Columns: each member at each snapshot, theta_s; theta_0 once, the last
-  # snapshot's (repeating an identical column only splits its coefficient).
-  columns, sources = [], []
-  for i, (step, members) in enumerate(layout):
-    for k, (kind, hp) in members.items():
-      if kind != 'initial' or i == len(layout) - 1:
-        columns.append(_padded(_profile(kind, hp, step), num_steps))
-        sources.append((i, k))
-    unit = np.zeros(num_steps + 1)
-    unit[step] = 1.0
-    columns.append(unit)
-    sources.append((i, None))
-  names = list(targets)
-  wanted = np.stack([profile(targets[k], num_steps) for k in names])
-  coefficients, residuals = _profiles.fit(wanted, np.stack(columns),
-                                          ridge=ridge)
-  # Pass 2: one weighted sum per target, a snapshot at a time, each
-  # snapshot's columns added to every target's sum in one compiled call.
-  coefficients = np.atleast_2d(coefficients)
-  sums: Any = None
-  for i, (opt_state, params) in enumerate(snapshots):
-    tracked = _tracked(opt_state)
-    at = [j for j, (snapshot, _) in enumerate(sources) if snapshot == i]
-    arrays = [jax.device_put(_tree.as_accumulator(
-        params if sources[j][1] is None
-        else _readout.model(tracked.members[sources[j][1]], params), None))
-              for j in at]
-    if sums is None:
-      sums = [jax.tree.map(jnp.zeros_like, arrays[0]) for _ in names]
-    sums = _accumulate(sums, arrays,
-                       jnp.asarray(coefficients[:, at], jnp.float32))
-  models = {k: _tree.cast_like_params(s, params) for k, s in zip(names, sums)}
-  residual = {k: float(r) for k, r in zip(names, np.atleast_1d(residuals))}
-  if single:
-    return Synthesized(models[None], residual[None])
-  return Synthesized(models, residual)
-
-
-def _tracked(opt_state) -> AveragesState:
-  """The one averages state a snapshot holds."""
-  return _tree.find_state(
-      opt_state, (AveragesState,), caller='synthesize',
-      what='averages state', missing='Train with optax_bema.posthoc_ema() '
-      '(or optax_bema.averages(...)) last in the chain and save its state.')
-
-
-@jax.jit
-def _accumulate(sums, arrays, weights):
-  """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf."""
-  return [jax.tree.map(lambda acc, *xs, w=w: acc + sum(
-      w[j] * x for j, x in enumerate(xs)), total, *arrays)
-          for total, w in zip(sums, weights)]
-
-
-def _padded(weights: np.ndarray, num_steps: int) -> np.ndarray:
-  return np.pad(weights, (0, num_steps + 1 - len(weights)))
+def require_finite(tree, what: str):
+  """``ValueError`` naming ``what`` when a leaf of ``tree`` is not finite."""
+  if not bool(_tree.all_finite(_tree.as_accumulator(tree, None))):
+    raise ValueError(
+        f'{what} are not all finite: this snapshot cannot give a finite '
+        'model. Leave it out (and the steps it covers: save another '
+        'checkpoint), or take an earlier one.')

@@ -1,257 +1,247 @@
-"""Profiles: every stabilizer's model as fixed weights on the iterates.
+r"""Profiles: every stabilizer's model as fixed weights on the iterates.
 
 After step T each stabilizer returns a fixed linear combination of the
 iterates theta_0, ..., theta_T,
 
 .. math::
-  \\hat\\theta_T = \\sum_{s=0}^{T} w_s \\theta_s,
+  \hat\theta_T = \sum_{s=0}^{T} w_s \theta_s,
 
-whose weight vector w, the *profile*, depends only on the hyperparameters and
-T, never on the iterates. Two things follow. Replay: the model of any
-stabilizer is recovered exactly from the iterates at the steps it reads
-(:func:`read_steps`). Post-hoc synthesis: an average never tracked during
-training is approximated by the combination of tracked averages whose
-profiles best match its profile in least squares (:func:`fit`), as the
-post-hoc EMA of Karras et al. (2024) does for its power-function EMAs.
+whose weight vector w, the *profile*, depends only on the schedule and T,
+never on the iterates. Replay recovers a model exactly from the iterates it
+reads; synthesis matches a target's profile with the profiles of averages
+tracked during training (the post-hoc EMA of Karras et al. 2024).
 
-Pure NumPy in float64: these are small vectors of length T + 1, computed once
-per query, and the exact weights are the point.
+With update steps :math:`u_1 < \dots < u_K \le T`, weights
+:math:`\beta_k`, :math:`P_k = \prod_{j > k} (1 - \beta_j)`, a the last
+burn-in step (0 without one) and :math:`e_s` the unit vector on theta_s,
+unrolling each recursion of the BEMA paper (Algorithm 1, Appendix C) gives
+
+* EMA: :math:`w = P_0 e_a + \sum_k \beta_k P_k e_{u_k}`;
+* BEMA: the EMA's w plus :math:`\alpha_K (e_{u_K} - e_a)`;
+* DEMA: :math:`w = P_0 (1 - S_0) e_a + \sum_k \beta_k P_k (2 - \beta_k -
+  S_k) e_{u_k}`, :math:`S_k = \sum_{j > k} \beta_j` (the sensitivities of
+  the model to the two averages after update k are :math:`P_k (2 - S_k)`
+  and :math:`-P_k`);
+* OUEMA, the EMA of :math:`x_k = (\theta_{u_k} - p_k \theta_a) / (1 - p_k)`:
+  :math:`w = (P_0 - \sum_k \beta_k P_k p_k / (1 - p_k)) e_a + \sum_k
+  \beta_k P_k / (1 - p_k) e_{u_k}`.
+
+Every profile sums to 1; for T <= update_after it is :math:`e_T`.
+
+The profiles of one average at many steps (every saved snapshot of a long
+run) are never materialised as dense vectors: they share their shape. The
+steps are cut into segments at the snapshot steps, and on each segment every
+snapshot's profile is a multiple of one or two *family* vectors (the
+products :math:`P_k` factor at the segment's end). :class:`Columns` holds
+that form: O(T) memory per average, whatever the number of snapshots, and
+inner products in O(T) per pair of families (``_synthesis``).
+
+Pure NumPy in float64: the exact weights are the point.
 
 References:
   Block and Zhang, `EMA Without the Lag: Bias-Corrected Iterate Averaging
-  Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (the stabilizers,
-  Algorithm 1 and Appendix C).
+  Schemes <https://arxiv.org/abs/2508.00180>`_, 2025.
 
   Karras et al., `Analyzing and Improving the Training Dynamics of Diffusion
-  Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2; post-hoc EMA,
-  Section 3 and its appendix on post-hoc EMA).
+  Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2; post-hoc EMA).
 """
 
 from __future__ import annotations
 
-import numbers
-from typing import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
-KINDS = ('ema', 'bema', 'dema', 'ouema')
-
-# The transforms' defaults (Table 2 of the BEMA paper), for keys left out.
-DEFAULT_HYPERPARAMS = dict(ema_power=0.5, bias_power=0.2, lag=10.0,
-                           multiplier=1.0, update_after=0, update_freq=400,
-                           min_ema_multiplier=0.0, bias_multiplier=None)
+from optax_bema._schedule import Schedule
 
 
-def _whole(name: str, value, least: int) -> int:
-  """``value`` as an int, if it is a whole number >= ``least``."""
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not float(value).is_integer() or value < least):
-    raise ValueError(f'profiles: {name} must be an integer >= {least}, '
-                     f'got {value!r}.')
-  return int(value)  # type: ignore[call-overload]  # a whole Real
+class Columns(NamedTuple):
+  """Profiles of one average at the steps ``ends`` (increasing, T the last).
 
+  Segment j holds the steps (ends[j-1], ends[j]] (segment 0 starts at step
+  0). On segment j the profile at ends[i] is ``coef[i, j] @ families``
+  restricted to that segment (zero for j > i), plus the weights ``points``
+  puts on single steps.
 
-def _resolve(kind: str, hyperparams: Mapping[str, float]) -> dict:
-  """The hyperparameters with defaults filled in, checked."""
-  if kind not in KINDS:
-    raise ValueError(f'profiles: kind must be one of {KINDS}, got {kind!r}.')
-  unknown = set(hyperparams) - set(DEFAULT_HYPERPARAMS)
-  if unknown:  # a misspelt key would otherwise silently take its default
-    raise ValueError(f'profiles: unknown hyperparameters {sorted(unknown)}; '
-                     f'known: {sorted(DEFAULT_HYPERPARAMS)}.')
-  hp: dict = {**DEFAULT_HYPERPARAMS, **hyperparams}
-  if hp['bias_multiplier'] is None:  # the bias weight shares the EMA's base
-    hp['bias_multiplier'] = hp['multiplier']
-  hp['update_after'] = _whole('update_after', hp['update_after'], 0)
-  hp['update_freq'] = _whole('update_freq', hp['update_freq'], 1)
-  if kind == 'ouema' and not (hp['bias_power'] > 0
-                              and hp['bias_multiplier'] > 0):
-    raise ValueError(
-        'profiles: ouema needs bias_power > 0 and bias_multiplier > 0 so '
-        f'that p_t = (1 + bias_multiplier t) ** -bias_power < 1; got {hp}.')
-  return hp
-
-
-def _update_steps(hp: Mapping[str, float], num_steps: int) -> np.ndarray:
-  """The update steps up to ``num_steps`` (see :func:`read_steps`)."""
-  first = hp['update_after'] + hp['update_freq']
-  return np.arange(first, num_steps + 1, hp['update_freq'], dtype=np.int64)
-
-
-def read_steps(kind: str, hyperparams: Mapping[str, float],
-               num_steps: int) -> np.ndarray:
-  """The steps whose iterates a stabilizer reads to make its model at T.
-
-  The model after step T = ``num_steps`` depends on theta_a, with a =
-  min(update_after, T) the last burn-in step (a = 0, the weights at init,
-  without a burn-in), and on theta_t at every update step t <= T, t >
-  update_after with (t - update_after) a multiple of ``update_freq``. Saving
-  these iterates is enough to replay the stabilizer exactly:
-  ``profile_weights(...)[steps] @ iterates``; every other weight is zero.
-
-  Args:
-    kind: ``'ema'``, ``'bema'``, ``'dema'`` or ``'ouema'``.
-    hyperparams: the stabilizer's arguments (``ema_power``, ``bias_power``,
-      ``lag``, ``multiplier``, ``update_after``, ``update_freq``,
-      ``min_ema_multiplier``); missing ones take the transforms' defaults.
-    num_steps: T, the number of optimizer steps taken.
-
-  Returns:
-    The steps, increasing, as an int64 array; the first is a.
-
-  Examples:
-    >>> from optax_bema import _profiles
-    >>> _profiles.read_steps('bema', dict(update_after=5, update_freq=3),
-    ...                      14).tolist()
-    [5, 8, 11, 14]
+  Attributes:
+    ends: the steps, int64, shape (n,).
+    families: float64, shape (A, T + 1).
+    coef: float64, shape (n, n, A).
+    points: (column, step, weight) arrays of equal length.
   """
-  hp = _resolve(kind, hyperparams)
-  num_steps = _whole('num_steps', num_steps, 0)
-  anchor = min(hp['update_after'], num_steps)
-  return np.concatenate([[anchor], _update_steps(hp, num_steps)])
+  ends: np.ndarray
+  families: np.ndarray
+  coef: np.ndarray
+  points: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _suffix_products(keep: np.ndarray) -> np.ndarray:
-  """prod_{j > k} keep_j for each k, without a division.
+def _decays(keep: np.ndarray):
+  """``decay(a, b)``: the product of keep over update indices (a, b].
 
-  A reverse cumulative product rather than exp(cumsum(log)) or a ratio of
-  prefix products: a weight beta_t = 1 (keep = 0) wipes out everything before
-  it, and that must come out as exact zeros, not 0/0.
+  Logs are summed, factor by factor; a factor of exactly 0 (a weight
+  beta = 1, which forgets everything before it) is counted apart, so the
+  products it ends come out as exact zeros rather than 0/0.
   """
-  after = np.ones_like(keep)
-  after[:-1] = np.cumprod(keep[::-1])[::-1][1:]
-  return after
+  zero = keep <= 0
+  logs = np.concatenate([[0.0], np.cumsum(
+      np.log(np.where(zero, 1.0, keep)))])
+  zeros = np.concatenate([[0], np.cumsum(zero)])
+
+  def decay(a, b):
+    return np.where(zeros[b] == zeros[a], np.exp(logs[b] - logs[a]), 0.0)
+  return decay
 
 
-def profile_weights(kind: str, hyperparams: Mapping[str, float],
-                    num_steps: int) -> np.ndarray:
-  r"""The weights w with model_T = sum_s w_s theta_s, for one stabilizer.
+class _Ema(NamedTuple):
+  """What every EMA-like profile shares at the steps ``ends``."""
+  steps: np.ndarray    # update steps u_1..u_K <= T
+  beta: np.ndarray     # their weights
+  counts: np.ndarray   # K_i: updates up to ends[i]
+  segment: np.ndarray  # the segment of each update
+  tail: np.ndarray     # h_k: prod of (1 - beta) over (k, K_segment]
+  carry: np.ndarray    # (n, n): prod of (1 - beta) over (K_j, K_i], j <= i
+  before: np.ndarray   # P_0 at each end: prod over all updates
+  anchors: np.ndarray  # the anchor step at each end
 
-  With update steps :math:`u_1 < \dots < u_K \le T` (see :func:`read_steps`),
-  :math:`\beta_k = \max((\rho + \gamma u_k)^{-\kappa}, \beta_{min})` and
-  :math:`P_k = \prod_{j > k} (1 - \beta_j)`, unrolling each recursion of the
-  BEMA paper (Algorithm 1 and Appendix C) gives, with :math:`e_s` the unit
-  vector on theta_s and a the last burn-in step (0 without one):
 
-  * EMA: :math:`w = P_0 e_a + \sum_k \beta_k P_k e_{u_k}`
-    (:math:`P_0 = \prod_k (1 - \beta_k)`).
-  * BEMA: the EMA's w plus :math:`\alpha_K (e_{u_K} - e_a)`,
-    :math:`\alpha_K = (\rho + \gamma u_K)^{-\eta}`.
-  * DEMA (:math:`2 e_1 - e_2`, :math:`e_2` averaging the new :math:`e_1`):
-    :math:`w = P_0 (1 - S_0) e_a + \sum_k \beta_k P_k (2 - \beta_k - S_k)
-    e_{u_k}`, :math:`S_k = \sum_{j > k} \beta_j`, :math:`S_0 = \sum_j
-    \beta_j` (found by running the recursion backwards: the sensitivities
-    of the model to the two averages after update k are
-    :math:`P_k (2 - S_k)` and :math:`-P_k`).
-  * OUEMA, the EMA of :math:`x_k = (\theta_{u_k} - p_k \theta_a) / (1 -
-    p_k)`, :math:`p_k = (1 + \gamma u_k)^{-\eta}`:
-    :math:`w = (P_0 - \sum_k \beta_k P_k p_k / (1 - p_k)) e_a +
-    \sum_k \beta_k P_k / (1 - p_k) e_{u_k}`.
+def _ema_like(schedule: Schedule, ends: np.ndarray) -> _Ema:
+  steps = schedule.update_steps(int(ends[-1]))
+  beta = schedule.beta(steps) if steps.size else np.zeros(0)
+  decay = _decays(1.0 - beta)
+  counts = np.searchsorted(steps, ends, side='right')
+  segment = np.searchsorted(counts, np.arange(1, steps.size + 1))
+  tail = decay(np.arange(1, steps.size + 1), counts[segment])
+  carry = np.tril(decay(counts[None, :], counts[:, None]))
+  anchors = np.array([schedule.anchor(int(e)) for e in ends], np.int64)
+  return _Ema(steps, beta, counts, segment, tail, carry,
+              decay(0, counts), anchors)
 
-  Every profile sums to 1. For T <= update_after it is :math:`e_T`, and
-  before the first update step :math:`e_a`. O(T) time: 1e5 steps take
-  milliseconds.
 
-  Args:
-    kind: ``'ema'``, ``'bema'``, ``'dema'`` or ``'ouema'``.
-    hyperparams: the stabilizer's arguments (``ema_power``, ``bias_power``,
-      ``lag``, ``multiplier``, ``update_after``, ``update_freq``,
-      ``min_ema_multiplier``); missing ones take the transforms' defaults;
-      ``bias_power`` is ignored by EMA and DEMA. The weights use the
-      absolute step t, burn-in included, as the transforms do.
-    num_steps: T, the number of optimizer steps taken.
+def _family(num_steps: int, steps: np.ndarray, values: np.ndarray):
+  vector = np.zeros(num_steps + 1)
+  vector[steps] = values
+  return vector
 
-  Returns:
-    w, a float64 array of shape ``(num_steps + 1,)``; ``w[s]`` weighs
-    theta_s, ``w[0]`` the weights at init.
 
-  Examples:
-    With beta_t = 1 / t, updates at steps 2 and 4 weigh theta_0, theta_2
-    and theta_4 by (1 - 1/2)(1 - 1/4), (1/2)(1 - 1/4) and 1/4:
+def _columns(ends, families, coef, points) -> Columns:
+  """``points`` as a list of (column, step, weight)."""
+  column, step, weight = (np.array([p[k] for p in points], dtype)
+                          for k, dtype in enumerate(
+                              (np.int64, np.int64, np.float64)))
+  return Columns(ends, np.stack(families), coef, (column, step, weight))
 
-    >>> import numpy as np
-    >>> from optax_bema import _profiles
-    >>> w = _profiles.profile_weights(
-    ...     'ema', dict(ema_power=1.0, lag=0.0, update_freq=2), 4)
-    >>> np.round(w, 3).tolist()
-    [0.375, 0.0, 0.375, 0.0, 0.25]
+
+def _anchor_points(e: _Ema, weights) -> list:
+  return [(i, e.anchors[i], weights[i]) for i in range(len(e.anchors))]
+
+
+def ema(schedule: Schedule, ends: np.ndarray) -> Columns:
+  """EMA (and the power-function EMA): beta_k P_k on each update step."""
+  e = _ema_like(schedule, ends)
+  family = _family(int(ends[-1]), e.steps, e.beta * e.tail)
+  return _columns(ends, [family], e.carry[..., None],
+                  _anchor_points(e, e.before))
+
+
+def bema(schedule: Schedule, ends: np.ndarray) -> Columns:
+  """EMA plus alpha_K (e_{u_K} - e_a), K the last update."""
+  e = _ema_like(schedule, ends)
+  family = _family(int(ends[-1]), e.steps, e.beta * e.tail)
+  points = _anchor_points(e, e.before)
+  for i, count in enumerate(e.counts):
+    if count:
+      alpha = float(schedule.alpha(e.steps[count - 1]))
+      points += [(i, e.steps[count - 1], alpha), (i, e.anchors[i], -alpha)]
+  return _columns(ends, [family], e.carry[..., None], points)
+
+
+def dema(schedule: Schedule, ends: np.ndarray) -> Columns:
+  """2 e1 - e2: two families per segment (see the module docstring)."""
+  e = _ema_like(schedule, ends)
+  total = np.concatenate([[0.0], np.cumsum(e.beta)])  # S at each count
+  k = np.arange(1, e.steps.size + 1)
+  at_end = total[e.counts[e.segment]]
+  num_steps = int(ends[-1])
+  families = [
+      _family(num_steps, e.steps,
+              e.beta * e.tail * (2 - e.beta + total[k] - at_end)),
+      _family(num_steps, e.steps, e.beta * e.tail)]
+  later = total[e.counts][:, None] - total[e.counts][None, :]
+  coef = np.stack([e.carry, -e.carry * later], axis=-1)
+  return _columns(ends, families, coef,
+                  _anchor_points(e, e.before * (1 - total[e.counts])))
+
+
+def ouema(schedule: Schedule, ends: np.ndarray) -> Columns:
+  """The EMA of x_k = (theta_{u_k} - p_k theta_a) / (1 - p_k)."""
+  e = _ema_like(schedule, ends)
+  p = schedule.ou_weight(e.steps) if e.steps.size else np.zeros(0)
+  family = e.beta * e.tail / (1 - p)
+  # Per segment, the family's weight times p_k: what theta_a loses.
+  lost = np.bincount(e.segment, family * p, minlength=len(ends))
+  anchor = e.before - e.carry @ lost
+  return _columns(ends, [_family(int(ends[-1]), e.steps, family)],
+                  e.carry[..., None], _anchor_points(e, anchor))
+
+
+def initial(schedule: Schedule, ends: np.ndarray) -> Columns:
+  """theta_0 alone: the iterate at the last burn-in step."""
+  n = len(ends)
+  return _columns(ends, [np.zeros(int(ends[-1]) + 1)], np.zeros((n, n, 1)),
+                  [(i, schedule.anchor(int(e)), 1.0)
+                   for i, e in enumerate(ends)])
+
+
+def dense(columns: Columns, i: int = -1) -> np.ndarray:
+  """The profile at ``ends[i]`` as a vector of T + 1 weights."""
+  i = i % len(columns.ends)
+  num_steps = columns.families.shape[1] - 1
+  segment = np.searchsorted(columns.ends, np.arange(num_steps + 1))
+  w = np.einsum('sa,as->s', columns.coef[i][segment], columns.families)
+  column, step, weight = columns.points
+  np.add.at(w, step[column == i], weight[column == i])
+  return w[:int(columns.ends[i]) + 1]
+
+
+def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
+             ) -> np.ndarray:
+  r"""Least-squares coefficients from inner products alone.
+
+  Solves :math:`\min_x \|B^\top x - w\|^2 + \lambda^2 \|D x\|^2` given
+  ``gram`` :math:`= B B^\top` and ``rhs`` :math:`= B w` (one column per
+  target), D the basis rows' norms and :math:`\lambda` = ``ridge`` times
+  the largest singular value of the row-normalised basis. The rows are
+  scaled to unit norm first (unit vectors and long, flat averages differ in
+  norm by orders of magnitude), then the eigendecomposition of the scaled
+  Gram matrix gives the solution. Directions below float64's resolution of
+  that matrix get no weight.
+
+  Snapshots of one average at nearby steps, or of averages of similar
+  width, are nearly collinear: exact least squares may need large
+  coefficients of alternating sign, and the synthesized model, a sum of that
+  many stored arrays, multiplies their rounding error by the coefficients'
+  size. The ridge damps only the directions whose singular values fall
+  below it, which the arrays' rounding hides anyway, so it should be about
+  their relative precision: 1e-6 suits float32, about 1e-3 bfloat16.
   """
-  hp = _resolve(kind, hyperparams)
-  num_steps = _whole('num_steps', num_steps, 0)
-  anchor = min(hp['update_after'], num_steps)
-  steps = _update_steps(hp, num_steps)
-  w = np.zeros(num_steps + 1)
-  if steps.size == 0:
-    w[anchor] = 1.0
-    return w
-  base = float(hp['lag']) + float(hp['multiplier']) * steps.astype(np.float64)
-  beta = np.maximum(base ** -float(hp['ema_power']),
-                    float(hp['min_ema_multiplier']))
-  after = _suffix_products(1.0 - beta)
-  before_all = after[0] * (1.0 - beta[0])
-  if kind == 'dema':
-    later = np.cumsum(beta[::-1])[::-1] - beta  # S_k = sum_{j > k} beta_j
-    w[steps] = beta * after * (2.0 - beta - later)
-    w[anchor] += before_all * (1.0 - later[0] - beta[0])
-    return w
-  ema = beta * after
-  if kind == 'ouema':
-    p = ((1.0 + float(hp['bias_multiplier']) * steps)
-         ** -float(hp['bias_power']))
-    w[steps] = ema / (1.0 - p)
-    w[anchor] += before_all - np.sum(ema * p / (1.0 - p))
-    return w
-  w[steps] = ema
-  w[anchor] += before_all
-  if kind == 'bema':
-    alpha = ((float(hp['lag']) + float(hp['bias_multiplier']) * steps[-1])
-             ** -float(hp['bias_power']))
-    w[steps[-1]] += alpha
-    w[anchor] -= alpha
-  return w
+  norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
+  norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way
+  scaled = gram / np.outer(norms, norms)
+  s2, v = np.linalg.eigh(scaled)
+  top = max(float(s2[-1]), 0.0)
+  lam2 = (ridge ** 2) * top
+  kept = s2 > top * np.finfo(np.float64).eps * 4 * len(s2)
+  gain = np.where(kept, 1.0 / np.where(kept, s2 + lam2, 1.0), 0.0)
+  solved = v @ (gain[:, None] * (v.T @ (rhs / norms[:, None])))
+  return solved / norms[:, None]
 
 
-def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6
-        ) -> tuple[np.ndarray, np.ndarray]:
-  r"""Least-squares coefficients that combine profiles into a target profile.
+def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6):
+  """:func:`fit_gram` for dense profiles: ``(coefficients, residual)``.
 
-  Solves
-
-  .. math::
-    \min_x \|B^\top x - w\|_2^2 + \lambda^2 \|D x\|_2^2,
-
-  B the basis (one profile per row, e.g. the profile of each saved snapshot
-  of a tracked average, and unit vectors for saved iterates such as theta_T
-  and theta_0), w the target, D the rows' norms. The synthesized model is
-  then ``coefficients @ saved_arrays``, as in the post-hoc EMA of Karras et
-  al. (2024), who solve the same problem through its normal equations.
-
-  The rows are scaled to unit norm (unit vectors and long, flat averages
-  differ in norm by orders of magnitude) and the scaled problem is solved
-  through its SVD, never through the normal equations, which would square
-  its condition number. Snapshots of one average at nearby steps, or of
-  averages with close powers, are nearly collinear: exact least squares may
-  then need large coefficients of alternating sign, and the synthesized
-  model, a sum of that many stored arrays, multiplies their rounding error
-  by the coefficients' size. The ridge :math:`\lambda` = ``ridge`` times the
-  largest singular value damps only the directions whose singular values
-  fall below it, which the stored arrays' rounding hides anyway; so
-  ``ridge`` should be about their relative precision. The default 1e-6
-  suits float32 snapshots and leaves well-separated tracked averages
-  (condition numbers up to about 1e3) unchanged; about 1e-3 suits bfloat16.
-
-  Args:
-    target: the profile to match, shape ``(T + 1,)``, or several as rows of
-      a ``(m, T + 1)`` array.
-    basis: the available profiles as rows, shape ``(n, T + 1)``.
-    ridge: the relative Tikhonov weight; 0 gives the minimum-norm
-      least-squares solution.
-
-  Returns:
-    ``(coefficients, relative_residual)``: coefficients of shape ``(n,)``
-    (``(m, n)`` for several targets) and
-    :math:`\|B^\top x - w\| / \|w\|`, a scalar (shape ``(m,)``), which
-    tells how far to trust the synthesized model.
+  ``basis`` holds one profile per row, ``target`` one profile or several
+  as rows; the residual is ||basis.T @ x - target|| / ||target||, per
+  target.
 
   Examples:
     BEMA is its EMA plus alpha_T (theta_T - theta_0), so it is synthesized
@@ -259,12 +249,14 @@ def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6
 
     >>> import numpy as np
     >>> from optax_bema import _profiles
-    >>> hp, t = dict(update_freq=1), 100
-    >>> basis = np.stack([_profiles.profile_weights('ema', hp, t),
-    ...                   np.eye(t + 1)[t], np.eye(t + 1)[0]])
+    >>> from optax_bema._schedule import Schedule
+    >>> s = Schedule(ema_power=0.5, bias_power=0.2)
+    >>> ends = np.array([100])
+    >>> basis = np.stack([_profiles.dense(_profiles.ema(s, ends)),
+    ...                   np.eye(101)[100], np.eye(101)[0]])
     >>> x, residual = _profiles.fit(
-    ...     _profiles.profile_weights('bema', hp, t), basis)
-    >>> np.round(x, 4).tolist(), bool(residual < 1e-9)
+    ...     _profiles.dense(_profiles.bema(s, ends)), basis)
+    >>> np.round(x, 4).tolist(), bool(residual < 1e-6)
     ([1.0, 0.3906, -0.3906], True)
   """
   basis = np.atleast_2d(np.asarray(basis, np.float64))
@@ -272,15 +264,8 @@ def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6
   if target.shape[-1] != basis.shape[1]:
     raise ValueError(f'fit: target has length {target.shape[-1]} but the '
                      f'basis profiles have length {basis.shape[1]}.')
-  norms = np.linalg.norm(basis, axis=1)
-  norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way
-  u, s, vt = np.linalg.svd((basis / norms[:, None]).T, full_matrices=False)
-  lam = ridge * s[0]
-  # s / (s^2 + lam^2), written to give 0 (not 0/0) on exactly null directions.
-  gain = np.divide(s, s * s + lam * lam, out=np.zeros_like(s),
-                   where=s > s[0] * np.finfo(np.float64).eps * len(s))
-  projected = u.T @ target.T
-  scaled = vt.T @ (gain.reshape((-1,) + (1,) * (target.ndim - 1)) * projected)
-  coefficients = (scaled / norms.reshape((-1,) + (1,) * (target.ndim - 1))).T
-  residual = np.linalg.norm(coefficients @ basis - target, axis=-1)
-  return coefficients, residual / np.linalg.norm(target, axis=-1)
+  targets = np.atleast_2d(target)
+  x = fit_gram(basis @ basis.T, basis @ targets.T, ridge=ridge).T
+  residual = (np.linalg.norm(x @ basis - targets, axis=-1)
+              / np.linalg.norm(targets, axis=-1))
+  return (x, residual) if target.ndim == 2 else (x[0], residual[0])

@@ -1,8 +1,10 @@
-"""EMA, BEMA, DEMA and OUEMA: the stabilizers of the BEMA paper.
+"""EMA, BEMA, DEMA and OUEMA (the BEMA paper) and EDM2's power-function EMA.
 
-Each is a :class:`~optax_bema._engine.Rule` for the shared engine: its state
-and the named field updates of an update step. The weights, the schedule,
-the burn-in, the non-finite guard and where the state lives are the engine's.
+Each is a :class:`~optax_bema._engine.Rule` for the shared engine: its state,
+the named field updates of an update step and its profile. Its factory's
+arguments make its :class:`~optax_bema._schedule.Schedule`; the weights, the
+update steps, the burn-in, the non-finite guard and where the state lives
+are the engine's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import optax
 
 from optax_bema import _checks
 from optax_bema import _engine
+from optax_bema import _profiles
 from optax_bema import _tree
+from optax_bema._schedule import Schedule
 
 
 class EmaState(NamedTuple):
@@ -70,12 +74,17 @@ def initial_params(update_after: int = 0,
   The post-hoc tools need theta_0 exactly (BEMA and OUEMA weigh it); this
   holds it and changes nothing else. Its model is theta_0.
   """
-  rule = _engine.Rule(name='initial', state_cls=InitialState,
-                      averages=('initial_params',), update=())
-  return _engine.stabilizer(
-      rule, ema_power=0.0, bias_power=0.0, lag=1.0, multiplier=0.0,
-      update_after=update_after, update_freq=1, min_ema_multiplier=0.0,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+  return _build(INITIAL, locals(), update_freq=1)
+
+
+def _build(rule: _engine.Rule, args: dict, **more) -> _engine.Stabilizer:
+  """The stabilizer of ``rule`` from its factory's arguments ``args``
+  (``locals()`` on entry): its schedule's settings, and where its state
+  lives."""
+  settings = {**args, **more}
+  placement = {k: settings.pop(k)
+               for k in ('accumulator_dtype', 'offload_to_host')}
+  return _engine.stabilizer(rule, Schedule(**settings), **placement)
 
 
 def _ema_field(name='ema', source=None) -> _engine.Field:
@@ -84,6 +93,46 @@ def _ema_field(name='ema', source=None) -> _engine.Field:
     x = theta if source is None else getattr(s, source)
     return _tree.ema_tree(w.beta, getattr(s, name), x)
   return _engine.Field(name, new)
+
+
+def _debiased_ema(w, theta, s):
+  """OUEMA's field: the EMA of (theta_t - p_t theta_0) / (1 - p_t)."""
+  p = w.schedule.ou_weight(w.t, jnp)
+  x = jax.tree.map(
+      lambda x, x0: (x - p.astype(x.dtype) * x0) / (1 - p.astype(x.dtype)),
+      theta, s.initial_params)
+  return _tree.ema_tree(w.beta, s.ema, x)
+
+
+EMA = _engine.Rule(name='ema', state_cls=EmaState, averages=('ema',),
+                   update=(_ema_field(),), profile=_profiles.ema)
+# EDM2's power-function EMA: EMA's rule, with power-function weights.
+POWER_EMA = EMA._replace(name='power_ema')
+DEMA = _engine.Rule(
+    name='dema', state_cls=DemaState, averages=('ema', 'ema_of_ema'),
+    update=(_ema_field(), _ema_field('ema_of_ema', source='ema')),
+    profile=_profiles.dema)
+OUEMA = _engine.Rule(name='ouema', state_cls=OuemaState,
+                     averages=('initial_params', 'ema'),
+                     update=(_engine.Field('ema', _debiased_ema),),
+                     profile=_profiles.ouema)
+INITIAL = _engine.Rule(name='initial', state_cls=InitialState,
+                       averages=('initial_params',), update=(),
+                       profile=_profiles.initial)
+
+
+def _bema_rule(reads_params: bool) -> _engine.Rule:
+  """BEMA keeps theta at the last update step, unless it updates every step:
+  then the current params are that theta."""
+  update: tuple[_engine.Field, ...] = (
+      _ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
+  if not reads_params:
+    update += (_engine.Field('last_iterate'),)
+  return _engine.Rule(
+      name='bema', state_cls=BemaState, update=update,
+      averages=('initial_params', 'ema') + (
+          () if reads_params else ('last_iterate',)),
+      profile=_profiles.bema, scalars=(('bias_weight', 0.0),))
 
 
 def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
@@ -146,13 +195,7 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
     1 with the bias correction off; defaults from its Table 2).
   """
-  rule = _engine.Rule(name='ema', state_cls=EmaState, averages=('ema',),
-                      update=(_ema_field(),))
-  return _engine.stabilizer(
-      rule, ema_power=ema_power, bias_power=0.0, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+  return _build(EMA, locals())
 
 
 def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
@@ -234,22 +277,9 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
     1; defaults from its Table 2).
   """
+  args = locals()
   reads_params = _checks.is_static(update_freq) and update_freq == 1
-  update: tuple[_engine.Field, ...] = (
-      _ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
-  if not reads_params:
-    update += (_engine.Field('last_iterate'),)
-  rule = _engine.Rule(
-      name='bema', state_cls=BemaState, update=update,
-      averages=('initial_params', 'ema') + (
-          () if reads_params else ('last_iterate',)),
-      scalars=(('bias_weight', 0.0),))
-  return _engine.stabilizer(
-      rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host,
-      bias_multiplier=bias_multiplier)
+  return _build(_bema_rule(reads_params), args)
 
 
 def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
@@ -306,14 +336,7 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Appendix
     C, the double EMA baseline).
   """
-  rule = _engine.Rule(
-      name='dema', state_cls=DemaState, averages=('ema', 'ema_of_ema'),
-      update=(_ema_field(), _ema_field('ema_of_ema', source='ema')))
-  return _engine.stabilizer(
-      rule, ema_power=ema_power, bias_power=0.0, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
+  return _build(DEMA, locals())
 
 
 def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
@@ -377,28 +400,82 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Section 3
     and Appendix C: the OU-model estimator).
   """
-  if bias_multiplier is None:
-    bias_multiplier = multiplier
-  for name, value in (('bias_power', bias_power),
-                      ('bias_multiplier', bias_multiplier)):
+  args = locals()
+  for name, value in (
+      ('bias_power', bias_power),
+      ('bias_multiplier',
+       multiplier if bias_multiplier is None else bias_multiplier)):
     _checks.check('ouema', name, value, lambda v: v > 0,
                   'be > 0 (p_t = (1 + bias_multiplier t) ** -bias_power must '
                   'stay below 1)')
+  return _build(OUEMA, args)
 
-  def debiased(w, theta, s):
-    p = _engine.power_law(w.t, lag=1.0, multiplier=bias_multiplier,
-                          power=bias_power)
-    x = jax.tree.map(
-        lambda x, x0: (x - p.astype(x.dtype) * x0) / (1 - p.astype(x.dtype)),
-        theta, s.initial_params)
-    return _tree.ema_tree(w.beta, s.ema, x)
 
-  rule = _engine.Rule(name='ouema', state_cls=OuemaState,
-                      averages=('initial_params', 'ema'),
-                      update=(_engine.Field('ema', debiased),))
-  return _engine.stabilizer(
-      rule, ema_power=ema_power, bias_power=bias_power, lag=lag,
-      multiplier=multiplier, update_after=update_after,
-      update_freq=update_freq, min_ema_multiplier=min_ema_multiplier,
-      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host,
-      bias_multiplier=bias_multiplier)
+def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
+              accumulator_dtype: Optional[jnp.dtype] = None,
+              offload_to_host: bool = False,
+              ) -> optax.GradientTransformationExtraArgs:
+  r"""EDM2's power-function EMA: an average whose width grows with t.
+
+  Its profile after t steps is proportional to :math:`(\tau / t)^\gamma` on
+  :math:`0 < \tau \le t`: a fixed *relative* width ``std``, the standard
+  deviation of the profile as a fraction of t, however long training runs
+  (a power-law EMA's width grows like :math:`t^\kappa` instead). On each
+  update step, with :math:`t'` the steps since the burn-in,
+
+  .. math::
+    r_{t'} = (1 - \phi / t')^{\gamma + 1}, \quad
+    \bar\theta \leftarrow r_{t'} \bar\theta + (1 - r_{t'}) \theta_t,
+
+  (EDM2's Eq. 127 in steps; :math:`\phi` = ``update_freq``). The retention
+  is 0 at the first update, so the average starts at that iterate.
+  :math:`\gamma` is the largest real root of :math:`\gamma^3 + 7\gamma^2 +
+  (16 - \sigma^{-2})\gamma + (12 - \sigma^{-2})`, :math:`\sigma` = ``std``
+  (Eq. 126), which inverts :math:`\sigma = \sqrt{(\gamma + 1) / ((\gamma +
+  2)^2 (\gamma + 3))}` (Eq. 123). ``std`` is EDM2's :math:`\sigma_{rel}`
+  and ema-pytorch's ``sigma_rel``. State: one parameter-sized copy; an
+  update step with a non-finite iterate is skipped and counted in
+  ``nonfinite_count``.
+
+  Args:
+    std: sigma_rel, the profile's standard deviation relative to t, in
+      (0, sqrt(1/12)); EDM2 tracks 0.05 and 0.10.
+    update_after: the burn-in: until step ``update_after`` the average is
+      reset to the current weights, and t' counts from its end.
+    update_freq: the average is updated every ``update_freq`` steps after
+      the burn-in.
+    accumulator_dtype: dtype of the average; by default float32 for
+      bfloat16/float16 weights and the weights' own dtype otherwise.
+    offload_to_host: keep the average in host memory between update steps.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update returns its
+    input updates unchanged; it must be the LAST element of the chain. Read
+    the model with ``optax_bema.averaged_params(opt_state, params)``.
+
+  Raises:
+    ValueError: ``std`` outside (0, sqrt(1/12)), or a schedule that is not
+      whole numbers of steps.
+    TypeError: ``std`` not a number (it fixes gamma at construction).
+
+  Examples:
+    At std = 0.10, gamma = 6.94; two steps from 0 to 1 then 3 give
+    r_2 = (1/2) ** (gamma + 1), so the model is r_2 * 1 + (1 - r_2) * 3.
+
+    >>> import jax, jax.numpy as jnp, optax, optax_bema
+    >>> tx = optax.chain(optax.sgd(1.0), optax_bema.power_ema(0.10))
+    >>> params, state = jnp.zeros(()), tx.init(jnp.zeros(()))
+    >>> for grad in (-1.0, -2.0):
+    ...   updates, state = tx.update(jnp.asarray(grad), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> r = 0.5 ** (6.9380 + 1)
+    >>> model = optax_bema.averaged_params(state, params)
+    >>> round(float(model), 5), round(r + (1 - r) * 3, 5)
+    (2.99186, 2.99186)
+
+  References:
+    Karras et al., `Analyzing and Improving the Training Dynamics of
+    Diffusion Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2,
+    Section 3 and Appendix C).
+  """
+  return _build(POWER_EMA, locals())

@@ -102,10 +102,14 @@ def all_finite(tree) -> jax.Array:
 
 def cast_like_params(model, params):
   """The model in the params' dtypes and layout; non-float leaves are the
-  params' own."""
+  params' own. ``ValueError`` if a leaf's shape differs from the params'."""
   def cast(p, m):
     if isinstance(m, optax.MaskedNode):
       return p
+    if jnp.shape(m) != jnp.shape(p):
+      raise ValueError(
+          f'the average has a leaf of shape {jnp.shape(m)} where the params '
+          f'have {jnp.shape(p)}: pass the params this state was trained on.')
     return like_sharding(m.astype(p.dtype), p)
   return jax.tree.map(cast, params, model)
 
