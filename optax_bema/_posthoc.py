@@ -204,8 +204,9 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
   members.update({f'std={float(s):g}': _stabilizers.power_ema(s, **shared)
                   for s in stds})
   if len(members) != len(ema_powers) + len(stds) or not members:
-    raise ValueError(f'posthoc_ema: track at least one average, each width '
-                     f'once; got ema_powers={ema_powers}, stds={stds}.')
+    raise ValueError(f'posthoc_ema: ema_powers and stds must be distinct, '
+                     f'and track at least one average; got ema_powers='
+                     f'{ema_powers}, stds={stds}.')
   return averages(**members, initial=_stabilizers.initial_params(**shared))
 
 

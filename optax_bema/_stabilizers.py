@@ -459,7 +459,7 @@ def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
     TypeError: ``std`` not a number (it fixes gamma at construction).
 
   Examples:
-    At std = 0.10, gamma = 6.94; two steps from 0 to 1 then 3 give
+    At std = 0.10, gamma = 6.9372; two steps from 0 to 1 then 3 give
     r_2 = (1/2) ** (gamma + 1), so the model is r_2 * 1 + (1 - r_2) * 3.
 
     >>> import jax, jax.numpy as jnp, optax, optax_bema
@@ -468,10 +468,10 @@ def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
     >>> for grad in (-1.0, -2.0):
     ...   updates, state = tx.update(jnp.asarray(grad), state, params)
     ...   params = optax.apply_updates(params, updates)
-    >>> r = 0.5 ** (6.9380 + 1)
+    >>> r = 0.5 ** (6.9372 + 1)
     >>> model = optax_bema.averaged_params(state, params)
     >>> round(float(model), 5), round(r + (1 - r) * 3, 5)
-    (2.99186, 2.99186)
+    (2.99184, 2.99184)
 
   References:
     Karras et al., `Analyzing and Improving the Training Dynamics of

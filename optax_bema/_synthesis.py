@@ -203,10 +203,12 @@ def _tracked(opt_state) -> dict:
   leaves = jax.tree.leaves(opt_state, is_leaf=_is_averages)
   found = [x for x in leaves if _is_averages(x)]
   if len(found) != 1:
+    holds = 'no averages state' if not found else (
+        f'{len(found)} averages states')
     raise ValueError(
-        f'synthesize: a snapshot\'s optimizer state must hold one averages '
-        f'state; it holds {len(found)}. Train with optax_bema.posthoc_ema() '
-        '(or optax_bema.averages(...)) last in the chain and save the '
+        f'synthesize: a snapshot\'s optimizer state holds {holds}; it must '
+        'hold one. Train with optax_bema.posthoc_ema() (or '
+        'optax_bema.averages(...)) last in the chain, and save the '
         'optimizer state, or just that state, with the params.')
   state = found[0]
   members, settings = ((state.members, state.settings)
@@ -336,13 +338,13 @@ _REREAD = ('synthesize: the second read of the snapshots gave {}: they '
 
 @jax.jit
 def _accumulate(sums, arrays, weights):
-  """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf."""
-  def weighted(m, *xs):
-    return sum(weights[m, j] * x for j, x in enumerate(xs))
-  return [jax.tree.map(
-      lambda *xs, m=m: weighted(m, *xs) if sums is None
-      else sums[m] + weighted(m, *xs), *arrays)
-          for m in range(weights.shape[0])]
+  """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf (``sums``
+  None: no sums yet)."""
+  def one(m):
+    total = jax.tree.map(
+        lambda *xs: sum(weights[m, j] * x for j, x in enumerate(xs)), *arrays)
+    return total if sums is None else jax.tree.map(jnp.add, sums[m], total)
+  return [one(m) for m in range(weights.shape[0])]
 
 
 def snapshot_steps(num_steps: int, num_snapshots: int) -> list[int]:
