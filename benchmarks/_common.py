@@ -22,9 +22,10 @@ import matplotlib
 matplotlib.use('Agg')  # benchmarks write PNGs; they never open a window
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import optax
-import optax_bema
 
 import _transforms  # pylint: disable=g-bad-import-order
+import optax_bema
+
 
 def make_stabilizers(names, *, suffix: str = '',
                      **hyperparams) -> dict[str, optax.GradientTransformation]:

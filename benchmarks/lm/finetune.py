@@ -27,7 +27,7 @@ global-norm clipping at 1.0, so each difference is the method's. Each
 method's steps to reach AdamW's final loss measure acceleration, and the
 papers' claims get a verdict by the rule in ``_claims.py``.
 
-  python benchmarks/finetune.py --quick --out benchmarks/results/finetune
+  python benchmarks/lm/finetune.py --quick --out benchmarks/results/lm/finetune
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -42,16 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax_bema
 import tqdm
 
+import optax_bema
+
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _claims
 import _common
 import _finetune_report
 import _lm
-import _posthoc_lm
 import _schedules
 import _transforms
+import posthoc
 
 LEARNING_RATE = 1e-3   # PACE's headline lr and the AdEMAMix report's
 WEIGHT_DECAY = 0.01    # the papers' and the report's
@@ -276,9 +281,9 @@ def study(config, params, model, eval_set, seed_batches, desc) -> dict:
   return by_lr
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser, 'benchmarks/results/finetune')
+  _common.add_common_args(parser, 'benchmarks/results/lm/finetune')
   parser.add_argument('--smoke', action='store_true',
                       help='a tiny configuration for tests (seconds)')
   parser.add_argument('--text', help='fine-tune on this text file instead of '
@@ -292,8 +297,8 @@ def main():
                       help='where the pretrained checkpoint is cached')
   parser.add_argument('--posthoc', action='store_true', help='instead of the '
                       'comparison, choose the average after training '
-                      '(_posthoc_lm.py); writes OUT/posthoc.json')
-  args = parser.parse_args()
+                      '(posthoc.py); writes OUT/posthoc.json')
+  args = parser.parse_args(argv)
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
   config = dict(CONFIGS[mode])
   config['seeds'] = args.seeds or config['seeds']
@@ -321,7 +326,7 @@ def main():
   if args.posthoc:  # the AdamW run at the base rate, trained once per seed
     adamw = next(r.tx for r in runs(config, config['base_lr'], base=False)
                  if r.name == 'adamw')
-    _posthoc_lm.main(
+    posthoc.main(
         args.out, mode, config, model, params, adamw, corpus, corpus_name,
         base=STABILIZER, update_freq=UPDATE_FREQ, training=dict(
             learning_rate=config['base_lr'], schedule='constant',
@@ -390,7 +395,7 @@ def main():
     if 'telemetry_at_end' in m:
       print(f'{name} at the last step: ' + ', '.join(
           f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
-  print('\nclaims (verdict rule: benchmarks/_claims.py)\n'
+  print('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
         + _claims.table(claims))
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 

@@ -35,12 +35,14 @@ and the PACE paper's Prop. 2):
 Each oracle carries the standard error of its Monte-Carlo mean over seeds,
 so agreement is judged statistically.
 
-  python benchmarks/quadratic.py --quick --out benchmarks/results/quadratic
+  python benchmarks/synthetic/quadratic.py --quick --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 
 import jax
@@ -48,8 +50,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+
 import optax_bema
 
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _transforms
 
@@ -268,7 +273,7 @@ def plot(curves, steps, seeds, out_dir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser, 'benchmarks/results/quadratic')
+  _common.add_common_args(parser, 'benchmarks/results/synthetic/quadratic')
   parser.add_argument('--steps', type=int, help='SGD steps (override)')
   parser.add_argument('--seeds', type=int, help='seeds (override)')
   args = parser.parse_args()
