@@ -1,11 +1,8 @@
-"""What the two benchmarks share: stabilizers riding one trajectory, output.
+"""What the benchmarks share: named stabilizers, the machine, output.
 
-Both benchmarks compare EMA, BEMA, OUEMA and DEMA on the SAME optimizer
-trajectory. A stabilizer must be the last element of its chain, so instead of
-four chains (four optimizer runs, four gradient evaluations per step) the
-benchmarks run the optimizer once and hand each step's ``(updates, params)``
-to every stabilizer's own ``update``: exactly what each would see as the last
-element of ``optax.chain(optimizer, stabilizer)``.
+The benchmarks compare EMA, BEMA, OUEMA and DEMA on the SAME optimizer
+trajectory: one run with ``optax_bema.averages(**make_stabilizers(...))``
+last in its chain, each model read with ``averaged_params(..., name=...)``.
 """
 
 from __future__ import annotations
@@ -22,37 +19,16 @@ import matplotlib
 matplotlib.use('Agg')  # benchmarks write PNGs; they never open a window
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import optax
-import optax_bema
 
 import _transforms  # pylint: disable=g-bad-import-order
+import optax_bema
+
 
 def make_stabilizers(names, *, suffix: str = '',
                      **hyperparams) -> dict[str, optax.GradientTransformation]:
   """``{name + suffix: transform}`` for the named stabilizers."""
   return {name + suffix: _transforms.stabilizer(name, **hyperparams)
           for name in names}
-
-
-class Averages:
-  """Several stabilizers fed the one trajectory an optimizer produces.
-
-  Pure functions of explicit state, so they jit, scan and vmap.
-  """
-
-  def __init__(self, transforms: Mapping[str, optax.GradientTransformation]):
-    self.transforms = dict(transforms)
-
-  def init(self, params):
-    return {k: tx.init(params) for k, tx in self.transforms.items()}
-
-  def update(self, states, updates, params):
-    """Each stabilizer sees the step as the last element of its chain."""
-    return {k: tx.update(updates, states[k], params)[1]
-            for k, tx in self.transforms.items()}
-
-  def models(self, states, params):
-    """The model each stabilizer returns; ``params`` are the live weights."""
-    return {k: optax_bema.averaged_params(s, params) for k, s in states.items()}
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_out: str):

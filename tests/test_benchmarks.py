@@ -18,7 +18,8 @@ import pytest
 
 BENCHMARKS = pathlib.Path(__file__).parent.parent / 'benchmarks'
 Z_TOLERANCE = 5.0
-sys.path.insert(0, str(BENCHMARKS))
+sys.path[:0] = [str(BENCHMARKS / group)
+                for group in ('lm', 'synthetic', 'cost', '.')]
 # pylint: disable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 import _claims
 import _schedules
@@ -38,8 +39,8 @@ def run_benchmark(script, *args, cwd, env=None):
 @pytest.fixture(scope='module')
 def quadratic_results(tmp_path_factory):
   out = tmp_path_factory.mktemp('quadratic')
-  run_benchmark('quadratic.py', '--quick', '--steps', '1000', '--seeds', '256',
-                '--out', str(out), cwd=out)
+  run_benchmark('synthetic/quadratic.py', '--quick', '--steps', '1000',
+                '--seeds', '256', '--out', str(out), cwd=out)
   assert (out / 'quadratic.png').stat().st_size > 0
   return json.loads((out / 'results.json').read_text())
 
@@ -115,7 +116,7 @@ def test_stylised_pace_formula_is_the_recursions_stationary_variance(c):
 def test_finetune_smoke(tmp_path):
   # The smoke run is mostly compilation; XLA's cheapest optimisation level
   # cuts it by about a quarter, and its few steps' numbers are not checked.
-  run_benchmark('finetune.py', '--smoke', '--out', str(tmp_path / 'out'),
+  run_benchmark('lm/finetune.py', '--smoke', '--out', str(tmp_path / 'out'),
                 '--cache', str(tmp_path / 'cache'), cwd=tmp_path,
                 env={'XLA_FLAGS': '--xla_backend_optimization_level=0'})
   assert list((tmp_path / 'cache').glob('pretrained-*.npz'))

@@ -13,11 +13,12 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / 'benchmarks'))
+BENCHMARKS = pathlib.Path(__file__).parent.parent / 'benchmarks'
+sys.path[:0] = [str(BENCHMARKS / 'lm'), str(BENCHMARKS)]
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import _lm
-import _posthoc_lm
-import _posthoc_lm_report
+import _posthoc_report
+import posthoc
 
 BASE = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
             update_after=0)
@@ -29,13 +30,13 @@ CONFIG = dict(model=_lm.ModelConfig(width=16, layers=1, heads=2, context=8),
 def results():
   model = _lm.Transformer(CONFIG['model'])
   train, held_out = _lm.split(_lm.pydoc_topics()[:20_000])
-  return _posthoc_lm.study(
+  return posthoc.study(
       'smoke', CONFIG, model, _lm.init_params(model), optax.adamw(1e-2),
       train, held_out, base=BASE, update_freq=1, desc='smoke')
 
 
 def test_choice_is_a_grid_setting_and_losses_are_finite(results):
-  names = set(_posthoc_lm.grid(**_posthoc_lm.GRIDS['smoke'], base=BASE))
+  names = set(posthoc.grid(**posthoc.GRIDS['smoke'], base=BASE))
   assert results['grid']['size'] == len(names) == 16
   seed = results['per_seed'][0]
   for key in ('posthoc', 'exact_choice', 'hindsight'):
@@ -50,7 +51,7 @@ def test_choice_is_a_grid_setting_and_losses_are_finite(results):
   for errors in spacings.values():
     assert all(math.isfinite(e['max']) for e in errors.values())
   assert 0 <= seed['posthoc']['residual'] < 1
-  assert _posthoc_lm_report.report(results, 'smoke').count('\n') > 20
+  assert _posthoc_report.report(results, 'smoke').count('\n') > 20
 
 
 def test_profile_sums_are_the_online_models(results):
@@ -64,18 +65,18 @@ def test_profile_sums_are_the_online_models(results):
 
 def test_validation_windows_are_never_trained_on():
   train = np.arange(1000) % 256
-  rest, validation = _posthoc_lm.validation_split(train, 4, 8)
+  rest, validation = posthoc.validation_split(train, 4, 8)
   assert len(rest) == 1000 - 4 * 9
   np.testing.assert_array_equal(validation.ravel(), train[-36:])
   with pytest.raises(ValueError, match='quarter'):
-    _posthoc_lm.validation_split(train, 40, 8)
+    posthoc.validation_split(train, 40, 8)
 
 
 @pytest.mark.parametrize('steps', [4, 7, 8])  # blocks of 4: full, partial
 def test_profile_sums_are_the_matrix_product(steps):
   rng = np.random.default_rng(0)
   profiles, iterates = rng.normal(size=(3, steps)), rng.normal(size=(steps, 5))
-  sums = _posthoc_lm.ProfileSums(profiles, 5, block=4)
+  sums = posthoc.ProfileSums(profiles, 5, block=4)
   for theta in iterates:
     sums.add(theta.astype(np.float32))
   np.testing.assert_allclose(sums.models(), profiles @ iterates, atol=1e-5)

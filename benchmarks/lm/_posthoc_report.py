@@ -1,4 +1,4 @@
-"""The post-hoc study's summary and table (``_posthoc_lm.py`` runs it)."""
+"""The post-hoc study's summary and table (``posthoc.py`` runs it)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ tiny and the run only checks that everything works. The whole run takes well
 under 3 minutes on an H200.
 
 Usage:
-  python benchmarks/offload.py --out DIR
-  python benchmarks/offload.py --params 250M --update-freq 20 --out DIR
+  python benchmarks/cost/offload.py --out DIR
+  python benchmarks/cost/offload.py --params 250M --update-freq 20 --out DIR
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -37,8 +38,11 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+
 import optax_bema
 
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 
 COLUMNS = 4096
@@ -190,7 +194,7 @@ def parent(args) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default='benchmarks/results/offload')
+  parser.add_argument('--out', default='benchmarks/results/cost/offload')
   parser.add_argument('--params', dest='n_params', type=parse_count,
                       default=None,
                       help='parameter count, e.g. 1B, 250M (default: 1B on '

@@ -20,11 +20,20 @@ the model after T steps is ``sum_s w[s] theta_s`` with ``w`` its profile
 The four defaults are also run online (``optax_bema.averages``) in the same
 chain; their models are the defaults reported, and their distance to the
 profile sums checks that identity.
+
+The setup (the pretrained model, the corpus, the AdamW run at the base rate)
+is the comparison's, so ``finetune.py`` builds it and runs this study with
+``--posthoc``; run directly, this script does the same, with all of
+``finetune.py``'s options:
+
+  python benchmarks/lm/posthoc.py --quick --out DIR
 """
 
 from __future__ import annotations
 
 import itertools
+import pathlib
+import sys
 import time
 from typing import Mapping
 
@@ -32,12 +41,15 @@ import jax
 import jax.flatten_util
 import numpy as np
 import optax
-import optax_bema
 import tqdm
 
+import optax_bema
+
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _lm
-import _posthoc_lm_report
+import _posthoc_report
 import _transforms
 
 # Per mode: the grid; the snapshot spacing (coprime with every update_freq),
@@ -337,7 +349,7 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
           settings=settings, defaults=defaults,
           snapshot_every=plan['snapshot_every'], coarser=plan['coarser'],
           bar=bar))
-  return dict(summary=_posthoc_lm_report.summarize(per_seed), per_seed=per_seed,
+  return dict(summary=_posthoc_report.summarize(per_seed), per_seed=per_seed,
               grid=dict(plan, size=len(settings)), defaults=defaults,
               validation_windows=len(validation), held_out_windows=len(held))
 
@@ -362,12 +374,18 @@ def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
       machine=_common.machine_line(), wall_seconds=round(wall, 1))
   # Beside the comparison's results.json, which it neither reads nor clobbers.
   path = _common.write_results(out_dir, results, 'posthoc.json')
-  print(_posthoc_lm_report.report(results, (
+  print(_posthoc_report.report(results, (
       f'\nchoosing the average after training on {corpus_name} ({mode}: '
       f'{config["steps"]} steps, {config["seeds"]} seed(s), '
       f'{results["grid"]["size"]} settings, a snapshot every '
       f'{results["grid"]["snapshot_every"]} steps)')))
-  _posthoc_lm_report.plot(results, out_dir, f'{corpus_name}, {mode}')
+  _posthoc_report.plot(results, out_dir, f'{corpus_name}, {mode}')
   print(f'wrote {path} in {wall:.0f}s, pretraining aside '
         f'({_common.machine_line()})')
   return path
+
+
+if __name__ == '__main__':
+  import finetune  # pylint: disable=g-import-not-at-top  (it imports this)
+  finetune.main(['--posthoc', '--out', 'benchmarks/results/lm/posthoc',
+                 *sys.argv[1:]])

@@ -10,8 +10,8 @@ loss of the model it would RETURN:
   ``adamw/cosine``, ``adamw/wsd`` with the PACE paper's decay schedules
   (``_schedules.py``; every run shares the same linear warmup).
 * ``ema``, ``bema``, ``ouema``, ``dema``: the library's stabilizers over that
-  SAME constant-rate AdamW trajectory (one run; each step's updates are
-  handed to every stabilizer, see ``_common.Averages``), ``ema``/``bema`` at
+  SAME constant-rate AdamW trajectory (one run, all of them in one
+  ``optax_bema.averages`` last in its chain), ``ema``/``bema`` at
   other ``update_freq`` values (``bema/f=1`` ...), and ``ema/cosine``,
   ``ema/wsd`` over the scheduled runs, all free on those trajectories.
 * ``pace``: ``optax_bema.pace``'s EMA at a constant rate, ``pace/wsd``, and
@@ -27,7 +27,7 @@ global-norm clipping at 1.0, so each difference is the method's. Each
 method's steps to reach AdamW's final loss measure acceleration, and the
 papers' claims get a verdict by the rule in ``_claims.py``.
 
-  python benchmarks/finetune.py --quick --out benchmarks/results/finetune
+  python benchmarks/lm/finetune.py --quick --out benchmarks/results/lm/finetune
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -42,16 +44,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import optax_bema
 import tqdm
 
+import optax_bema
+
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _claims
 import _common
 import _finetune_report
 import _lm
-import _posthoc_lm
 import _schedules
 import _transforms
+import posthoc
 
 LEARNING_RATE = 1e-3   # PACE's headline lr and the AdEMAMix report's
 WEIGHT_DECAY = 0.01    # the papers' and the report's
@@ -106,15 +111,15 @@ CONFIGS = {
 class Run:
   """One optimizer trajectory and the models it returns.
 
-  ``readout(opt_state, params)`` is the model named ``name``; ``averages``
-  are stabilizers fed the same trajectory, each returning a model too;
+  ``readout(opt_state, params)`` is the model named ``name``; ``averaged``
+  names the members of the ``optax_bema.averages`` last in ``tx``, each
+  returning a model too;
   ``telemetry(opt_state)`` gives the scalars to report, by name.
   """
   name: str
   tx: optax.GradientTransformation
   readout: Callable[[Any, Any], Any]
-  averages: _common.Averages = dataclasses.field(
-      default_factory=lambda: _common.Averages({}))
+  averaged: tuple[str, ...] = ()
   telemetry: Optional[Callable[[Any], dict]] = None
 
 
@@ -155,9 +160,9 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
       stabilizers = _common.make_stabilizers(
           ('ema',), suffix=suffix(schedule), update_freq=UPDATE_FREQ,
           **STABILIZER)
-    out.append(Run('adamw' + suffix(schedule), optax.chain(clip, optax.adamw(
-        rate(schedule), weight_decay=WEIGHT_DECAY)), _live,
-                   _common.Averages(stabilizers)))
+    out.append(Run('adamw' + suffix(schedule), optax.chain(
+        clip, optax.adamw(rate(schedule), weight_decay=WEIGHT_DECAY),
+        optax_bema.averages(**stabilizers)), _live, tuple(stabilizers)))
   pace_runs = [('pace' + suffix(schedule), schedule, PACE['pullback'])
                for schedule in config['pace_schedules']]
   pace_runs += [(f'pace/pullback={c}', 'constant', c)
@@ -197,15 +202,15 @@ def trainer(run: Run, model, eval_set, eval_every):
   # stabilizers' update-step branches become selects that run both sides,
   # which compiles about 4x slower and steps slower on CPU.
   @jax.jit
-  def step(params, state, average_states, windows):
+  def step(params, state, windows):
     grads = jax.grad(loss)(params, windows)
     updates, state = run.tx.update(grads, state, params)
-    average_states = run.averages.update(average_states, updates, params)
-    return optax.apply_updates(params, updates), state, average_states
+    return optax.apply_updates(params, updates), state
 
   @jax.jit
-  def evaluate(params, state, average_states):
-    models = run.averages.models(average_states, params)
+  def evaluate(params, state):
+    models = {k: optax_bema.averaged_params(state, params, name=k)
+              for k in run.averaged}
     models[run.name] = run.readout(state, params)
     # One evaluation mapped over the stacked models compiles once, not once
     # per model; lax.map holds one model's activations at a time, which on
@@ -215,15 +220,14 @@ def trainer(run: Run, model, eval_set, eval_every):
     return dict(zip(models, losses))
 
   def train(params, batches, bar):
-    state, average_states = run.tx.init(params), run.averages.init(params)
+    state = run.tx.init(params)
     curves = {}
     for t in range(len(batches) + 1):
       if t:
-        params, state, average_states = step(params, state, average_states,
-                                             batches[t - 1])
+        params, state = step(params, state, batches[t - 1])
         bar.update()
       if t % eval_every == 0 or t == len(batches):
-        for k, v in evaluate(params, state, average_states).items():
+        for k, v in evaluate(params, state).items():
           curves.setdefault(k, []).append([t, float(v)])
     telemetry = run.telemetry(state) if run.telemetry else {}
     return curves, {k: float(v) for k, v in telemetry.items()}
@@ -276,9 +280,9 @@ def study(config, params, model, eval_set, seed_batches, desc) -> dict:
   return by_lr
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser, 'benchmarks/results/finetune')
+  _common.add_common_args(parser, 'benchmarks/results/lm/finetune')
   parser.add_argument('--smoke', action='store_true',
                       help='a tiny configuration for tests (seconds)')
   parser.add_argument('--text', help='fine-tune on this text file instead of '
@@ -292,8 +296,8 @@ def main():
                       help='where the pretrained checkpoint is cached')
   parser.add_argument('--posthoc', action='store_true', help='instead of the '
                       'comparison, choose the average after training '
-                      '(_posthoc_lm.py); writes OUT/posthoc.json')
-  args = parser.parse_args()
+                      '(posthoc.py); writes OUT/posthoc.json')
+  args = parser.parse_args(argv)
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
   config = dict(CONFIGS[mode])
   config['seeds'] = args.seeds or config['seeds']
@@ -321,7 +325,7 @@ def main():
   if args.posthoc:  # the AdamW run at the base rate, trained once per seed
     adamw = next(r.tx for r in runs(config, config['base_lr'], base=False)
                  if r.name == 'adamw')
-    _posthoc_lm.main(
+    posthoc.main(
         args.out, mode, config, model, params, adamw, corpus, corpus_name,
         base=STABILIZER, update_freq=UPDATE_FREQ, training=dict(
             learning_rate=config['base_lr'], schedule='constant',
@@ -390,7 +394,7 @@ def main():
     if 'telemetry_at_end' in m:
       print(f'{name} at the last step: ' + ', '.join(
           f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
-  print('\nclaims (verdict rule: benchmarks/_claims.py)\n'
+  print('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
         + _claims.table(claims))
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 

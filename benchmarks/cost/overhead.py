@@ -26,10 +26,10 @@ The contenders and their targets are tables below; the paired timing is
 ``_timing``'s, the TRL peer ``_peer``'s.
 
 Usage:
-  python benchmarks/overhead.py                      # 1M, 16M, 64M params
-  python benchmarks/overhead.py --quick              # CI scale, seconds
-  python benchmarks/overhead.py --sizes 125M,350M,1B --dtype bfloat16
-  python benchmarks/overhead.py --peer               # TRL's BEMACallback too
+  python benchmarks/cost/overhead.py              # 1M, 16M, 64M params
+  python benchmarks/cost/overhead.py --quick      # CI scale, seconds
+  python benchmarks/cost/overhead.py --sizes 125M,350M,1B --dtype bfloat16
+  python benchmarks/cost/overhead.py --peer       # TRL's BEMACallback too
 """
 
 from __future__ import annotations
@@ -39,13 +39,18 @@ import functools
 import json
 import math
 import os
+import pathlib
+import sys
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+
 import optax_bema
 
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _timing
 import _transforms
@@ -289,7 +294,7 @@ def main(argv=None):
                       '(needs the `peers` extra: torch, trl)')
   parser.add_argument('--dump-hlo', default='',
                       help='write each optimized HLO module to this folder')
-  parser.add_argument('--out', default='benchmarks/results')
+  parser.add_argument('--out', default='benchmarks/results/cost/overhead')
   parser.add_argument('--name', default='overhead',
                       help='the JSON file is OUT/NAME.json')
   args = parser.parse_args(argv)

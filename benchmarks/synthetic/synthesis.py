@@ -27,7 +27,7 @@ Then the tracked set and the snapshot spacing are varied, over the same
 targets and a held-out family, to choose the default tracked powers.
 Everything is float64 NumPy; the whole study takes well under a minute.
 
-  python benchmarks/posthoc_study.py --out benchmarks/results/posthoc
+  python benchmarks/synthetic/synthesis.py --out DIR
 """
 
 from __future__ import annotations
@@ -43,11 +43,16 @@ for _variable in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import itertools
+import pathlib
+import sys
 import time
 
 import numpy as np
+
 from optax_bema import _profiles
 
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 
 STEPS = 2000

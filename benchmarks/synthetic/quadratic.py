@@ -4,8 +4,9 @@
 
 from a start far from mu, many seeds at once (``jax.vmap``). The curves are
 E||estimate - mu||^2 over steps for the last iterate ("vanilla"), the
-library's EMA, BEMA, OUEMA and DEMA fed the simulated trajectory (see
-``_common.Averages``), and the library's PACE run on the same quadratic.
+library's EMA, BEMA, OUEMA and DEMA fed the simulated trajectory (all in one
+``optax_bema.averages`` last in SGD's chain), and the library's PACE run on
+the same quadratic.
 
 The stabilizers run twice over the A = I trajectory: with the BEMA paper's
 language-model defaults (its Table 2), and theory-matched (``.../theory``):
@@ -35,12 +36,14 @@ and the PACE paper's Prop. 2):
 Each oracle carries the standard error of its Monte-Carlo mean over seeds,
 so agreement is judged statistically.
 
-  python benchmarks/quadratic.py --quick --out benchmarks/results/quadratic
+  python benchmarks/synthetic/quadratic.py --quick --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
 import time
 
 import jax
@@ -48,8 +51,11 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+
 import optax_bema
 
+# The helpers every group shares (_common, _transforms) are one folder up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _transforms
 
@@ -101,14 +107,13 @@ def simulate(eigs, eta, steps, seeds, key, curvature=None):
   eigs = jnp.asarray(eigs, jnp.float32)
   mu = jnp.ones(DIM)
   theta0 = mu + START_OFFSET
-  sgd = optax.sgd(eta)
   stabilizers = _common.make_stabilizers(_transforms.STABILIZERS,
                                          **STABILIZER_HPARAMS)
   if curvature is not None:
     stabilizers.update({
         f'{k}/theory': _transforms.stabilizer(k, **hparams)
         for k, hparams in theory_hparams(eta, curvature).items()})
-  averages = _common.Averages(stabilizers)
+  sgd = optax.chain(optax.sgd(eta), optax_bema.averages(**stabilizers))
   pace = optax_bema.pace(eta * SIGMA, **PACE_HPARAMS)
 
   def gradient(theta, noise):
@@ -116,7 +121,6 @@ def simulate(eigs, eta, steps, seeds, key, curvature=None):
 
   def init():
     return dict(theta=theta0, sgd=sgd.init(theta0),
-                averages=averages.init(theta0),
                 pace_params=theta0, pace=pace.init(theta0),
                 theta_sum=jnp.zeros(DIM))
 
@@ -124,18 +128,19 @@ def simulate(eigs, eta, steps, seeds, key, curvature=None):
     """One seed's SGD step and PACE step, each on its own noise draw."""
     noise = jax.random.normal(key, (2, DIM))
     theta = carry['theta']
-    updates, sgd_state = sgd.update(gradient(theta, noise[0]), carry['sgd'])
-    average_states = averages.update(carry['averages'], updates, theta)
+    updates, sgd_state = sgd.update(gradient(theta, noise[0]), carry['sgd'],
+                                    theta)
     new_theta = optax.apply_updates(theta, updates)
     pace_updates, pace_state = pace.update(
         gradient(carry['pace_params'], noise[1]), carry['pace'],
         carry['pace_params'])
     pace_params = optax.apply_updates(carry['pace_params'], pace_updates)
-    models = averages.models(average_states, new_theta)
+    models = {k: optax_bema.averaged_params(sgd_state, new_theta, name=k)
+              for k in stabilizers}
     models['vanilla'] = new_theta
     models['pace'] = optax_bema.averaged_params(pace_state, pace_params)
     errors = {k: jnp.sum((m - mu) ** 2) for k, m in models.items()}
-    carry = dict(theta=new_theta, sgd=sgd_state, averages=average_states,
+    carry = dict(theta=new_theta, sgd=sgd_state,
                  pace_params=pace_params, pace=pace_state,
                  theta_sum=carry['theta_sum'] + theta)
     return carry, errors
@@ -268,7 +273,7 @@ def plot(curves, steps, seeds, out_dir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  _common.add_common_args(parser, 'benchmarks/results/quadratic')
+  _common.add_common_args(parser, 'benchmarks/results/synthetic/quadratic')
   parser.add_argument('--steps', type=int, help='SGD steps (override)')
   parser.add_argument('--seeds', type=int, help='seeds (override)')
   args = parser.parse_args()
