@@ -1,11 +1,12 @@
 """optax_bema: weight averages that make the returned model better.
 
 Stabilizers that average the training trajectory without changing it (EMA,
-BEMA, DEMA, OUEMA, EDM2's power-function EMA), as Optax transforms that go last in a chain; PACE, AdamW
-pulled toward its own EMA; the adaptive AdEMAMix; the model they return
-through :func:`averaged_params`; and the tools to choose the average after
-training (:func:`averages`, :func:`profile`, :func:`replay`,
-:func:`posthoc_ema`, :func:`snapshot_steps`, :func:`synthesize`).
+BEMA, DEMA, OUEMA, EDM2's power-function EMA), as Optax transforms that go
+last in a chain; PACE, AdamW pulled toward its own EMA; the adaptive
+AdEMAMix; the model they return through :func:`averaged_params`; and the
+tools to choose the average after training (:func:`averages`,
+:func:`profile`, :func:`replay`, :func:`posthoc_ema`,
+:func:`snapshot_steps`, :func:`synthesize`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState

@@ -1,8 +1,8 @@
 """The engine every stabilizer runs on, written once.
 
-The iterate theta_t = params + updates, the burn-in, the update steps and the
-weights (all read from the stabilizer's :class:`~optax_bema._schedule.Schedule`),
-the non-finite guard, and where the state lives. A stabilizer contributes a
+The iterate theta_t = params + updates, the burn-in, the update steps and
+the weights (read from the stabilizer's ``_schedule.Schedule``), the
+non-finite guard, and where the state lives. A stabilizer contributes a
 :class:`Rule`: its state class, a short sequence of named field updates, and
 its profile (its model as weights on the iterates, ``_profiles``).
 """

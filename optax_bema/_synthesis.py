@@ -219,8 +219,8 @@ def _tracked(opt_state) -> dict:
     rule, schedule = _posthoc.decode(record, f'synthesize: member {name!r}')
     member = members[name]
     if isinstance(member, dict):  # restored without a target
-      member = rule.state_cls(**{f: member.get(f)
-                                 for f in rule.state_cls._fields})
+      fields = rule.state_cls._fields  # type: ignore[attr-defined]
+      member = rule.state_cls(**{f: member.get(f) for f in fields})
     out[name] = (rule, schedule, member)
   return out
 
