@@ -28,11 +28,6 @@ from optax_bema import _tree
 
 # What a saved state's record of a member looks like; bump on any change.
 FORMAT_VERSION = 1
-# Every rule a saved state may name, by its name.
-RULES = {r.name: r for r in (
-    _stabilizers.EMA, _stabilizers.POWER_EMA, _stabilizers.DEMA,
-    _stabilizers.OUEMA, _stabilizers.INITIAL,
-    _stabilizers._bema_rule(reads_params=False))}  # its profile and state
 DEFAULT_POSTHOC_POWERS = (0.3, 0.5, 0.9)
 DEFAULT_POSTHOC_STDS: tuple[float, ...] = ()
 
@@ -74,12 +69,12 @@ def decode(record, where: str) -> tuple[_engine.Rule, _schedule.Schedule]:
         f'{where}: the saved record of this average cannot be read ({e}); '
         'it was not written by optax_bema.averages, or was altered (e.g. '
         'cast to another dtype as floats).') from None
-  if version != FORMAT_VERSION or kind not in RULES:
+  if version != FORMAT_VERSION or kind not in _stabilizers.RULES:
     raise ValueError(
         f'{where}: a record of format {version!r}, kind {kind!r}; this '
         f'version of optax_bema reads format {FORMAT_VERSION} of the kinds '
-        f'{sorted(RULES)}. Upgrade optax_bema to read it.')
-  return RULES[kind], _schedule.from_settings(settings)
+        f'{sorted(_stabilizers.RULES)}. Upgrade optax_bema to read it.')
+  return _stabilizers.RULES[kind], _schedule.from_settings(settings)
 
 
 def require_stabilizer(transform, caller: str, what: str):
