@@ -177,7 +177,8 @@ def models(kind: str, theta0, iterates: Sequence,
   averages = dict.fromkeys(k.averages, theta0)
   model = theta0
   out = []
-  for t, theta in zip(steps or range(1, len(iterates) + 1), iterates):
+  steps = range(1, len(iterates) + 1) if steps is None else steps
+  for t, theta in zip(steps, iterates):
     theta = np.asarray(theta, np.float64)
     if t <= s['update_after']:
       theta0 = model = theta
