@@ -65,7 +65,7 @@ COMBINED = [c for c, (name, _) in CASES.items() if name in _catalog.COMBINED]
 
 
 def bare(case):
-  """The transform itself: a stabilizer alone, or an optimizer."""
+  """The transform itself: an average alone, or an optimizer."""
   name, hp = CASES[case]
   return _catalog.transform(name, LR, **hp)
 
