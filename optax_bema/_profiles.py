@@ -88,7 +88,10 @@ def _decays(keep: np.ndarray):
   zeros = np.concatenate([[0], np.cumsum(zero)])
 
   def decay(a, b):
-    return np.where(zeros[b] == zeros[a], np.exp(logs[b] - logs[a]), 0.0)
+    # A product of factors <= 1 for a <= b; pairs a > b (asked for in bulk,
+    # then discarded) must not overflow.
+    return np.where(zeros[b] == zeros[a],
+                    np.exp(np.minimum(logs[b] - logs[a], 0.0)), 0.0)
   return decay
 
 
