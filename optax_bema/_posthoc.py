@@ -206,15 +206,17 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
 
 
 def whole_step(value, caller: str, what: str = 'a step') -> int:
-  """``value`` as an int >= 0: ``TypeError`` if it is not an integer (a
-  Python, NumPy or 0-d JAX integer), ``ValueError`` if negative."""
+  """``value`` as an int >= 0: a whole number (Python, NumPy or a 0-d
+  array); ``ValueError`` if fractional or negative, ``TypeError`` if not a
+  number at all."""
   if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
     value = value.item()
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f'{caller}: {what} must be an integer, got {value!r} '
                     f'({type(value).__name__}).')
-  if value < 0:
-    raise ValueError(f'{caller}: {what} must be >= 0, got {value}.')
+  if not float(value).is_integer() or value < 0:
+    raise ValueError(f'{caller}: {what} must be an integer >= 0, got '
+                     f'{value!r}.')
   return int(value)
 
 
@@ -305,7 +307,8 @@ def as_targets(targets, caller: str):
     raise ValueError(f'{caller}: no targets; pass a stabilizer, a profile, '
                      'or a dict of them.')
   for name, t in targets.items():
-    if not isinstance(t, (np.ndarray, list, tuple)):
+    if (isinstance(t, optax.GradientTransformation)
+        or not isinstance(t, (np.ndarray, list, tuple))):
       require_stabilizer(t, caller, 'a target' if single else f'{name!r}')
   return single, targets
 
