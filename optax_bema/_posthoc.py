@@ -182,8 +182,10 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
   a long average accumulated in float32 drifts by about 6e-8 sqrt(t) of
   its size, which larger coefficients would amplify (4% error on EMA 0.4
   at 2e5 steps with ``ridge=1e-6``). Snapshots stored in bfloat16 (use
-  ``ridge=1e-3``) add their rounding, scaled by the coefficients: several
-  percent for averages shorter than about t ** 0.5 steps.
+  ``ridge=1e-3``) add their rounding, amplified by the coefficients: long
+  averages (ema_power 0.7 to 0.9 except DEMA, std 0.02 to 0.28) stay
+  within 2%, short untracked ones (ema_power 0.3 to 0.6) are off by 10% to
+  100%; store snapshots in float32.
 
   Args:
     ema_powers: kappa of each tracked power-law EMA.
