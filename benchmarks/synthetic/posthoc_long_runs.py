@@ -54,12 +54,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import signal
+
 import optax_bema
 from optax_bema import _profiles
 from optax_bema import _synthesis
 from optax_bema import _tree
 from optax_bema._schedule import Schedule
-from scipy import signal
 
 LEARNING_RATE = 0.1
 NOISE = 1.0
@@ -168,7 +169,8 @@ class Quadratic:
   def iterate_energy(self, steps: np.ndarray) -> np.ndarray:
     """E ||theta_s||^2 at each step s."""
     a2 = self.decay[:, None] ** (2 * steps[None, :])
-    var = (LEARNING_RATE * NOISE) ** 2 * (1 - a2) / (1 - self.decay[:, None] ** 2)
+    var = ((LEARNING_RATE * NOISE) ** 2 * (1 - a2)
+           / (1 - self.decay[:, None] ** 2))
     return (START ** 2 * a2 + var).sum(axis=0)
 
 
