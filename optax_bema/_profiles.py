@@ -225,7 +225,8 @@ def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
   many stored arrays, multiplies their rounding error by the coefficients'
   size. The ridge damps only the directions whose singular values fall
   below it, which the arrays' rounding hides anyway, so it should be about
-  their relative precision: 1e-6 suits float32, about 1e-3 bfloat16.
+  their relative precision: 1e-4 suits float32 averages accumulated over
+  long runs, about 1e-3 bfloat16 snapshots.
   """
   norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
   norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way
