@@ -339,9 +339,11 @@ def _accumulate(sums, arrays, weights):
   """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf."""
   def weighted(m, *xs):
     return sum(weights[m, j] * x for j, x in enumerate(xs))
-  return [jax.tree.map(
-      lambda *xs, m=m: weighted(m, *xs) if sums is None
-      else sums[m] + weighted(m, *xs), *arrays)
+  if sums is None:
+    return [jax.tree.map(lambda *xs, m=m: weighted(m, *xs), *arrays)
+            for m in range(weights.shape[0])]
+  return [jax.tree.map(lambda total, *xs, m=m: total + weighted(m, *xs),
+                       sums[m], *arrays)
           for m in range(weights.shape[0])]
 
 
