@@ -98,7 +98,10 @@ class Schedule:
     return {n: getattr(self, n) for n in names}
 
   def check(self, transform: str):
-    """Raises ``ValueError`` for settings that give no average."""
+    """Raises ``TypeError`` for a setting that is not a number and
+    ``ValueError`` for settings that give no average."""
+    for name, value in self.settings().items():
+      _checks.require_number(transform, name, value)
     _checks.check_schedule(transform, update_after=self.update_after,
                            update_freq=self.update_freq)
     if self.std is not None:

@@ -84,6 +84,9 @@ def _build(rule: _engine.Rule, args: dict, **more) -> _engine.Stabilizer:
   settings = {**args, **more}
   placement = {k: settings.pop(k)
                for k in ('accumulator_dtype', 'offload_to_host')}
+  for name, value in settings.items():
+    if value is None and name != 'bias_multiplier':  # None: multiplier's
+      _checks.require_number(rule.name, name, value)
   return _engine.stabilizer(rule, Schedule(**settings), **placement)
 
 
