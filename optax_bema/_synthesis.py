@@ -23,6 +23,7 @@ from typing import Any, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_bema import _engine
 from optax_bema import _posthoc
@@ -142,25 +143,48 @@ def _read(snapshots) -> list[_Snapshot]:
 
 def _snapshot(opt_state, params, layout, last) -> _Snapshot:
   members = _tracked(opt_state)
-  counts = {k: int(np.asarray(state.count)) for k, (_, _, state)
+  counts = {k: _whole(state.count, k) for k, (_, _, state)
             in members.items()}
   step = max(counts.values())
   if len(set(counts.values())) != 1:
     raise ValueError(f'synthesize: the averages of one snapshot have seen '
                      f'different numbers of steps ({counts}): not one state.')
-  skipped = {k: int(np.asarray(s.nonfinite_count))
+  skipped = {k: _whole(s.nonfinite_count, k)
              for k, (_, _, s) in members.items()}
   if any(skipped.values()):
     raise ValueError(f'synthesize: the averages skipped non-finite iterates '
                      f'({skipped} by step {step}); their profiles are not '
                      'the nominal ones, so no synthesis can be trusted.')
   layout = _posthoc.check_next(layout, params, last, step, 'synthesize')
+  for k, (rule, _, state) in members.items():
+    for field in rule.averages:
+      if getattr(state, field) is not None:
+        _tree.require_like_params(
+            getattr(state, field), params,
+            f'synthesize: the average {k!r} at step {step} ({field})')
   models = {k: _readout.model(s, params) for k, (_, _, s) in members.items()}
   _posthoc.require_finite(params, f'synthesize: the params at step {step}')
   for k, model in models.items():
     _posthoc.require_finite(
         model, f'synthesize: the average {k!r} at step {step}')
   return _Snapshot(step, members, layout, _checksum(params, members), params)
+
+
+def _whole(count, name: str) -> int:
+  """A saved step count, refused where its dtype may have rounded it."""
+  value = np.asarray(count)
+  if not np.issubdtype(value.dtype, np.integer):
+    # Every whole number below 2 ** (mantissa bits + 1) is exact; a count
+    # above it may have been rounded to a neighbour when it was cast.
+    exact_below = 2 ** (jnp.finfo(value.dtype).nmant + 1)
+    if not (value == np.round(value) and 0 <= value < exact_below):
+      raise ValueError(
+          f'synthesize: the step count of {name!r} was saved as '
+          f'{value.dtype}, which holds whole numbers exactly only below '
+          f'{exact_below}; got {value}, perhaps rounded. Keep integer '
+          'leaves integer when casting a checkpoint (cast only the '
+          'floating ones).')
+  return int(value)
 
 
 def _checksum(params, members) -> np.ndarray:
@@ -317,8 +341,14 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
       raise ValueError(_REREAD.format(
           f'snapshot {i} (step {first[i].step}) with other contents'))
     at = [j for j, (snap, _) in enumerate(sources) if snap == i]
+    # Leaves the averages never track (optax.multi_transform masks them)
+    # stay masked in the params too: the model keeps the last params there.
+    rule, _, state = next(iter(members.values()))
+    masked = jax.tree.map(
+        lambda p, m: m if isinstance(m, optax.MaskedNode) else p, params,
+        getattr(state, rule.averages[0]))
     arrays = [_tree.as_accumulator(
-        params if sources[j][1] is None
+        masked if sources[j][1] is None
         else _readout.model(members[sources[j][1]][2], params), None)
               for j in at]
     sums = _accumulate(sums, arrays,
