@@ -133,6 +133,8 @@ class Schedule:
         retention_log = (c(self.gamma) + 1) * xp.log1p(
             -c(self.update_freq) / since)
       return -xp.expm1(retention_log)
+    if self.ema_power is None:  # no EMA (theta_0's holder): never read
+      return c(0.0) * t
     weight = (c(self.lag) + c(self.multiplier) * t) ** (-c(self.ema_power))
     return xp.maximum(weight, c(self.min_ema_multiplier))
 
