@@ -133,7 +133,7 @@ def _read(snapshots) -> list[_Snapshot]:
   for opt_state, params in snapshots:
     snap = _snapshot(opt_state, params, layout, last)
     if out:
-      _same_run(out[0], snap)
+      _same_run(out, snap)
     out.append(snap)
     layout, last = snap.layout, snap.step
   if not out:
@@ -196,8 +196,11 @@ def _checksum(params, members) -> np.ndarray:
                    if _tree.is_float_leaf(x)])
 
 
-def _same_run(first: _Snapshot, snap: _Snapshot):
-  """Snapshots of one run track the same averages from the same theta_0."""
+def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
+  """Snapshots of one run track the same averages from the same theta_0
+  (the weights at init, or at the end of the burn-in: compared from the
+  first snapshot after it)."""
+  first = earlier[0]
   what = {k: (r.name, s.settings()) for k, (r, s, _) in first.members.items()}
   now = {k: (r.name, s.settings()) for k, (r, s, _) in snap.members.items()}
   if what != now:
@@ -205,14 +208,16 @@ def _same_run(first: _Snapshot, snap: _Snapshot):
                      f'{now}, the first one {what}: snapshots of one run.')
   for k, (_, schedule, state) in snap.members.items():
     initial = getattr(state, 'initial_params', None)
-    earlier = getattr(first.members[k][2], 'initial_params', None)
-    if (initial is None or first.step < schedule.update_after
-        or snap.step < schedule.update_after):
+    after = [e for e in earlier if e.step >= int(schedule.update_after)]
+    if initial is None or not after:
       continue
-    if not np.array_equal(_checksum(initial, {}), _checksum(earlier, {})):
+    reference = after[0]
+    if not np.array_equal(
+        _checksum(initial, {}),
+        _checksum(reference.members[k][2].initial_params, {})):
       raise ValueError(
           f'synthesize: the snapshot at step {snap.step} has another theta_0 '
-          f'(in {k!r}) than the one at step {first.step}: snapshots of '
+          f'(in {k!r}) than the one at step {reference.step}: snapshots of '
           'different runs cannot be combined.')
 
 
