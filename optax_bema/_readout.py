@@ -87,7 +87,8 @@ def averaged_params(opt_state, params, name=None):
       missing='Put a stabilizer last in the chain, e.g. optax.chain('
       'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).',
       name=name)
-  return _tree.cast_like_params(model(state, params), params)
+  return _tree.cast_like_params(model(state, params), params,
+                                'averaged_params: the average')
 
 
 def model(state, params):

@@ -166,7 +166,7 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
   _posthoc.require_finite(params, f'synthesize: the params at step {step}')
   for k, model in models.items():
     _posthoc.require_finite(
-        model, f'synthesize: the average {k!r} at step {step}')
+        model, f'synthesize: the values of the average {k!r} at step {step}')
   return _Snapshot(step, members, layout, _checksum(params, members), params)
 
 

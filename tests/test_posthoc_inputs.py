@@ -355,8 +355,8 @@ def test_synthesize_refuses_a_nan_in_a_tracked_average(run):
   opt_state, params = snapshots[7]
   hostile = with_members(opt_state, lambda m: {
       **m, 'ema_power=0.9': nan_at(m['ema_power=0.9'])})
-  with pytest.raises(ValueError, match=r"'ema_power=0.9' at step 70 are not "
-                     'all finite'):
+  with pytest.raises(ValueError, match=r"values of the average "
+                     r"'ema_power=0.9' at step 70 are not all finite"):
     optax_bema.synthesize(synthesis_target(),
                           snapshots[:7] + [(hostile, params)] + snapshots[8:])
 
@@ -544,7 +544,8 @@ def test_a_setting_that_is_not_a_number_is_refused_at_construction(
 def test_averaged_params_refuses_params_of_another_shape(run):
   snapshots, _, _ = run
   opt_state, params = snapshots[-1]
-  with pytest.raises(ValueError, match=r"leaf \['w'\] of shape \(4,\) where "
+  with pytest.raises(ValueError, match=r"averaged_params: the average has "
+                     r"leaf \['w'\] of shape \(4,\) where "
                      r'the params have \(3,\)'):
     optax_bema.averaged_params(opt_state, {'w': params['w'][:3]},
                                name='ema_power=0.5')
