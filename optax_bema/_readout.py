@@ -70,7 +70,8 @@ def averaged_params(opt_state, params, name=None):
 
   Raises:
     ValueError: when ``opt_state`` holds no averaging state (named
-      ``name``), or several and no ``name`` picks one.
+      ``name``), or several and no ``name`` picks one, or when ``params``
+      differ from the average in tree structure or a leaf's shape.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_bema

@@ -78,11 +78,13 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
 
   Raises:
     ValueError: no snapshots or targets, snapshots out of order, of another
-      structure or shape, from different runs (another theta_0) or
-      averages, with non-finite values, averages that skipped non-finite
-      iterates (their profiles are then not the nominal ones), a second
-      read unlike the first, a profile of the wrong length, or a negative
-      or non-finite ridge.
+      structure or shape, averages shaped unlike their params, from
+      different runs (another theta_0) or averages, with non-finite values
+      (refused, as :func:`replay` refuses them: no snapshot is skipped),
+      averages that skipped non-finite iterates (their profiles are then
+      not the nominal ones), a step count saved in a float dtype too
+      narrow to hold it exactly, a second read unlike the first, a profile
+      of the wrong length, or a negative or non-finite ridge.
     TypeError: a target that is neither a stabilizer nor a profile, or a
       one-shot iterator.
   """
