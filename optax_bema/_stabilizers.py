@@ -471,7 +471,7 @@ def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
     >>> r = 0.5 ** (6.9380 + 1)
     >>> model = optax_bema.averaged_params(state, params)
     >>> round(float(model), 5), round(r + (1 - r) * 3, 5)
-    (2.99186, 2.99186)
+    (2.99184, 2.99184)
 
   References:
     Karras et al., `Analyzing and Improving the Training Dynamics of
