@@ -104,14 +104,17 @@ def require_like_params(model, params, what: str):
   """``ValueError`` unless ``model`` has the params' tree structure and
   leaf shapes (leaves never averaged, ``MaskedNode``, match any)."""
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
-  leaves = jax.tree.leaves(model, is_leaf=is_masked)
+  flat, model_structure = jax.tree_util.tree_flatten_with_path(
+      model, is_leaf=is_masked)
   paths, structure = jax.tree_util.tree_flatten_with_path(params)
-  if jax.tree.structure(model, is_leaf=is_masked) != structure:
+  if model_structure != structure:
+    keys = lambda pairs: {jax.tree_util.keystr(path) for path, _ in pairs}
+    differ = sorted(keys(flat) ^ keys(paths)) or ['a node type']
     raise ValueError(
-        f'{what} has another tree structure than the params '
-        f'({jax.tree.structure(model)} against {structure}): pass the '
-        'params this state was trained on.')
-  for (path, p), m in zip(paths, leaves):
+        f'{what} has another tree structure than the params (first '
+        f'difference: {differ[0]}): pass the params this state was trained '
+        'on.')
+  for (path, p), (_, m) in zip(paths, flat):
     if not is_masked(m) and jnp.shape(m) != jnp.shape(p):
       raise ValueError(
           f'{what} has leaf {jax.tree_util.keystr(path)} of shape '
