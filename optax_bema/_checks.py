@@ -12,6 +12,7 @@ import numbers
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Conditions met by most hyperparameters: (ok, what it demands in words).
@@ -22,6 +23,27 @@ DECAY = (lambda v: 0 <= v < 1, 'lie in [0, 1)')
 def is_static(x) -> bool:
   """A Python or NumPy number, as opposed to an (injected, traced) array."""
   return isinstance(x, (numbers.Number, np.generic)) and not isinstance(x, bool)
+
+
+def require_number(transform: str, name: str, value):
+  """``TypeError`` unless ``value`` is a real number or a scalar array.
+
+  A stabilizer's weights are fixed by its settings when it is built: a
+  schedule (a callable) or a string would otherwise pass construction and
+  fail at the first update. Scalar arrays are what
+  ``optax.inject_hyperparams`` passes.
+  """
+  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and (
+      jnp.issubdtype(value.dtype, jnp.integer)
+      or jnp.issubdtype(value.dtype, jnp.floating)):
+    return
+  if is_static(value) and isinstance(value, numbers.Real):
+    return
+  hint = (' To change a setting during training, wrap the factory in '
+          'optax.inject_hyperparams, which calls the schedule.'
+          if callable(value) else '')
+  raise TypeError(f'{transform}: {name} must be a number, got {value!r} '
+                  f'({type(value).__name__}).{hint}')
 
 
 def check(transform: str, name: str, value, ok: Callable[[float], bool],

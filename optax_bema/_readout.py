@@ -70,7 +70,8 @@ def averaged_params(opt_state, params, name=None):
 
   Raises:
     ValueError: when ``opt_state`` holds no averaging state (named
-      ``name``), or several and no ``name`` picks one.
+      ``name``), or several and no ``name`` picks one, or when ``params``
+      differ from the average in tree structure or a leaf's shape.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_bema
@@ -87,7 +88,8 @@ def averaged_params(opt_state, params, name=None):
       missing='Put a stabilizer last in the chain, e.g. optax.chain('
       'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).',
       name=name)
-  return _tree.cast_like_params(model(state, params), params)
+  return _tree.cast_like_params(model(state, params), params,
+                                'averaged_params: the average')
 
 
 def model(state, params):

@@ -98,7 +98,10 @@ class Schedule:
     return {n: getattr(self, n) for n in names}
 
   def check(self, transform: str):
-    """Raises ``ValueError`` for settings that give no average."""
+    """Raises ``TypeError`` for a setting that is not a number and
+    ``ValueError`` for settings that give no average."""
+    for name, value in self.settings().items():
+      _checks.require_number(transform, name, value)
     _checks.check_schedule(transform, update_after=self.update_after,
                            update_freq=self.update_freq)
     if self.std is not None:
@@ -130,6 +133,8 @@ class Schedule:
         retention_log = (c(self.gamma) + 1) * xp.log1p(
             -c(self.update_freq) / since)
       return -xp.expm1(retention_log)
+    if self.ema_power is None:  # no EMA (theta_0's holder): never read
+      return c(0.0) * t
     weight = (c(self.lag) + c(self.multiplier) * t) ** (-c(self.ema_power))
     return xp.maximum(weight, c(self.min_ema_multiplier))
 

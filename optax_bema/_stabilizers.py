@@ -90,6 +90,9 @@ def _build(rule: _engine.Rule, args: dict, **more) -> _engine.Stabilizer:
   settings = {**args, **more}
   placement = {k: settings.pop(k)
                for k in ('accumulator_dtype', 'offload_to_host')}
+  for name, value in settings.items():
+    if value is None and name != 'bias_multiplier':  # None: multiplier's
+      _checks.require_number(rule.name, name, value)
   return _engine.stabilizer(rule, Schedule(**settings), **placement)
 
 
@@ -411,15 +414,12 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Section 3
     and Appendix C: the OU-model estimator).
   """
-  args = locals()
-  for name, value in (
-      ('bias_power', bias_power),
-      ('bias_multiplier',
-       multiplier if bias_multiplier is None else bias_multiplier)):
-    _checks.check('ouema', name, value, lambda v: v > 0,
-                  'be > 0 (p_t = (1 + bias_multiplier t) ** -bias_power must '
-                  'stay below 1)')
-  return _build(OUEMA, args)
+  transform = _build(OUEMA, locals())
+  for name in ('bias_power', 'bias_multiplier'):
+    _checks.check('ouema', name, getattr(transform.schedule, name),
+                  lambda v: v > 0, 'be > 0 (p_t = (1 + bias_multiplier t) '
+                  '** -bias_power must stay below 1)')
+  return transform
 
 
 def power_ema(std: float, update_after: int = 0, update_freq: int = 1,

@@ -23,6 +23,7 @@ from typing import Any, Iterable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_bema import _engine
 from optax_bema import _posthoc
@@ -79,11 +80,13 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
 
   Raises:
     ValueError: no snapshots or targets, snapshots out of order, of another
-      structure or shape, from different runs (another theta_0) or
-      averages, with non-finite values, averages that skipped non-finite
-      iterates (their profiles are then not the nominal ones), a second
-      read unlike the first, a profile of the wrong length, or a negative
-      or non-finite ridge.
+      structure or shape, averages shaped unlike their params, from
+      different runs (another theta_0) or averages, with non-finite values
+      (refused, as :func:`replay` refuses them: no snapshot is skipped),
+      averages that skipped non-finite iterates (their profiles are then
+      not the nominal ones), a step count saved in a float dtype too
+      narrow to hold it exactly, a second read unlike the first, a profile
+      of the wrong length, or a negative or non-finite ridge.
     TypeError: a target that is neither a stabilizer nor a profile, or a
       one-shot iterator.
   """
@@ -134,7 +137,7 @@ def _read(snapshots) -> list[_Snapshot]:
   for opt_state, params in snapshots:
     snap = _snapshot(opt_state, params, layout, last)
     if out:
-      _same_run(out[0], snap)
+      _same_run(out, snap)
     out.append(snap)
     layout, last = snap.layout, snap.step
   if not out:
@@ -144,25 +147,48 @@ def _read(snapshots) -> list[_Snapshot]:
 
 def _snapshot(opt_state, params, layout, last) -> _Snapshot:
   members = _tracked(opt_state)
-  counts = {k: int(np.asarray(state.count)) for k, (_, _, state)
+  counts = {k: _whole(state.count, k) for k, (_, _, state)
             in members.items()}
   step = max(counts.values())
   if len(set(counts.values())) != 1:
     raise ValueError(f'synthesize: the averages of one snapshot have seen '
                      f'different numbers of steps ({counts}): not one state.')
-  skipped = {k: int(np.asarray(s.nonfinite_count))
+  skipped = {k: _whole(s.nonfinite_count, k)
              for k, (_, _, s) in members.items()}
   if any(skipped.values()):
     raise ValueError(f'synthesize: the averages skipped non-finite iterates '
                      f'({skipped} by step {step}); their profiles are not '
                      'the nominal ones, so no synthesis can be trusted.')
   layout = _posthoc.check_next(layout, params, last, step, 'synthesize')
+  for k, (rule, _, state) in members.items():
+    for field in rule.averages:
+      if getattr(state, field) is not None:
+        _tree.require_like_params(
+            getattr(state, field), params,
+            f'synthesize: the average {k!r} at step {step} ({field})')
   models = {k: _readout.model(s, params) for k, (_, _, s) in members.items()}
   _posthoc.require_finite(params, f'synthesize: the params at step {step}')
   for k, model in models.items():
     _posthoc.require_finite(
-        model, f'synthesize: the average {k!r} at step {step}')
+        model, f'synthesize: the values of the average {k!r} at step {step}')
   return _Snapshot(step, members, layout, _checksum(params, members), params)
+
+
+def _whole(count, name: str) -> int:
+  """A saved step count, refused where its dtype may have rounded it."""
+  value = np.asarray(count)
+  if not np.issubdtype(value.dtype, np.integer):
+    # Every whole number below 2 ** (mantissa bits + 1) is exact; a count
+    # above it may have been rounded to a neighbour when it was cast.
+    exact_below = 2 ** (jnp.finfo(value.dtype).nmant + 1)
+    if not (value == np.round(value) and 0 <= value < exact_below):
+      raise ValueError(
+          f'synthesize: the step count of {name!r} was saved as '
+          f'{value.dtype}, which holds whole numbers exactly only below '
+          f'{exact_below}; got {value}, perhaps rounded. Keep integer '
+          'leaves integer when casting a checkpoint (cast only the '
+          'floating ones).')
+  return int(value)
 
 
 def _checksum(params, members) -> np.ndarray:
@@ -174,8 +200,11 @@ def _checksum(params, members) -> np.ndarray:
                    if _tree.is_float_leaf(x)])
 
 
-def _same_run(first: _Snapshot, snap: _Snapshot):
-  """Snapshots of one run track the same averages from the same theta_0."""
+def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
+  """Snapshots of one run track the same averages from the same theta_0
+  (the weights at init, or at the end of the burn-in: compared from the
+  first snapshot after it)."""
+  first = earlier[0]
   what = {k: (r.name, s.settings()) for k, (r, s, _) in first.members.items()}
   now = {k: (r.name, s.settings()) for k, (r, s, _) in snap.members.items()}
   if what != now:
@@ -183,14 +212,16 @@ def _same_run(first: _Snapshot, snap: _Snapshot):
                      f'{now}, the first one {what}: snapshots of one run.')
   for k, (_, schedule, state) in snap.members.items():
     initial = getattr(state, 'initial_params', None)
-    earlier = getattr(first.members[k][2], 'initial_params', None)
-    if (initial is None or first.step < schedule.update_after
-        or snap.step < schedule.update_after):
+    after = [e for e in earlier if e.step >= int(schedule.update_after)]
+    if initial is None or not after:
       continue
-    if not np.array_equal(_checksum(initial, {}), _checksum(earlier, {})):
+    reference = after[0]
+    if not np.array_equal(
+        _checksum(initial, {}),
+        _checksum(reference.members[k][2].initial_params, {})):
       raise ValueError(
           f'synthesize: the snapshot at step {snap.step} has another theta_0 '
-          f'(in {k!r}) than the one at step {first.step}: snapshots of '
+          f'(in {k!r}) than the one at step {reference.step}: snapshots of '
           'different runs cannot be combined.')
 
 
@@ -321,8 +352,14 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
       raise ValueError(_REREAD.format(
           f'snapshot {i} (step {first[i].step}) with other contents'))
     at = [j for j, (snap, _) in enumerate(sources) if snap == i]
+    # Leaves the averages never track (optax.multi_transform masks them)
+    # stay masked in the params too: the model keeps the last params there.
+    rule, _, state = next(iter(members.values()))
+    masked = jax.tree.map(
+        lambda p, m: m if isinstance(m, optax.MaskedNode) else p, params,
+        getattr(state, rule.averages[0]))
     arrays = [_tree.as_accumulator(
-        params if sources[j][1] is None
+        masked if sources[j][1] is None
         else _readout.model(members[sources[j][1]][2], params), None)
               for j in at]
     sums = _accumulate(sums, arrays,

@@ -100,16 +100,35 @@ def all_finite(tree) -> jax.Array:
   return jax.lax.platform_dependent(*leaves, cpu=summed, default=elementwise)
 
 
-def cast_like_params(model, params):
+def require_like_params(model, params, what: str):
+  """``ValueError`` unless ``model`` has the params' tree structure and
+  leaf shapes (leaves never averaged, ``MaskedNode``, match any)."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  flat, model_structure = jax.tree_util.tree_flatten_with_path(
+      model, is_leaf=is_masked)
+  paths, structure = jax.tree_util.tree_flatten_with_path(params)
+  if model_structure != structure:
+    keys = lambda pairs: {jax.tree_util.keystr(path) for path, _ in pairs}
+    differ = sorted(keys(flat) ^ keys(paths)) or ['a node type']
+    raise ValueError(
+        f'{what} has another tree structure than the params (first '
+        f'difference: {differ[0]}): pass the params this state was trained '
+        'on.')
+  for (path, p), (_, m) in zip(paths, flat):
+    if not is_masked(m) and jnp.shape(m) != jnp.shape(p):
+      raise ValueError(
+          f'{what} has leaf {jax.tree_util.keystr(path)} of shape '
+          f'{jnp.shape(m)} where the params have {jnp.shape(p)}: pass the '
+          'params this state was trained on.')
+
+
+def cast_like_params(model, params, what: str = 'the average'):
   """The model in the params' dtypes and layout; non-float leaves are the
   params' own. ``ValueError`` if a leaf's shape differs from the params'."""
+  require_like_params(model, params, what)
   def cast(p, m):
     if isinstance(m, optax.MaskedNode):
       return p
-    if jnp.shape(m) != jnp.shape(p):
-      raise ValueError(
-          f'the average has a leaf of shape {jnp.shape(m)} where the params '
-          f'have {jnp.shape(p)}: pass the params this state was trained on.')
     return like_sharding(m.astype(p.dtype), p)
   return jax.tree.map(cast, params, model)
 
@@ -134,11 +153,13 @@ def find_state(opt_state, types, *, caller: str, what: str, missing: str,
              and path[-1].key == name]
     if not found:
       raise ValueError(f'{caller}: opt_state holds no {what} named {name!r}; '
-                       f'the named ones are {names}.')
+                       f'the named ones are {names}. '
+                       f'{_restored_hint(opt_state)}'.rstrip())
   if len(found) == 1:
     return found[0][1]
   if not found:
-    raise ValueError(f'{caller}: opt_state holds no {what}. {missing}')
+    raise ValueError(f'{caller}: opt_state holds no {what}. '
+                     f'{_restored_hint(opt_state) or missing}')
   where = ', '.join(f'opt_state{jax.tree_util.keystr(path)} '
                     f'({type(s).__name__})' for path, s in found)
   first = jax.tree_util.keystr(found[0][0])
@@ -146,6 +167,20 @@ def find_state(opt_state, types, *, caller: str, what: str, missing: str,
       f'{caller}: opt_state holds {len(found)} {what}s: {where}. Pass the '
       f'one to read, e.g. {caller}(opt_state{first}, ...), or its name= '
       'where it has one.')
+
+
+def _restored_hint(opt_state) -> str:
+  """What to do when a state came back from a checkpoint as plain dicts."""
+  looks_saved = lambda x: isinstance(x, dict) and {
+      'count', 'nonfinite_count'} <= set(x)
+  if not any(looks_saved(x) for x in jax.tree.leaves(
+      opt_state, is_leaf=looks_saved)):
+    return ''
+  return ('It holds plain dicts with the fields of one (count, '
+          'nonfinite_count, ...), as Orbax restores a state without a '
+          'target: restore it with a target, e.g. manager.restore(step, '
+          'args=ocp.args.StandardRestore(jax.eval_shape(tx.init, params))) '
+          'for the optimizer state, so that it comes back as its own types.')
 
 
 def require_params(params, name: str):
