@@ -237,7 +237,7 @@ def whole_step(value, caller: str, what: str = 'a step') -> int:
   if not float(value).is_integer() or value < 0:
     raise ValueError(f'{caller}: {what} must be an integer >= 0, got '
                      f'{value!r}.')
-  return int(value)
+  return int(value)  # type: ignore[call-overload]  # a whole Real
 
 
 def profile(stabilizer: _engine.Stabilizer, num_steps: int) -> np.ndarray:

@@ -107,7 +107,7 @@ def require_like_params(model, params, what: str):
   flat, model_structure = jax.tree_util.tree_flatten_with_path(
       model, is_leaf=is_masked)
   paths, structure = jax.tree_util.tree_flatten_with_path(params)
-  if model_structure != structure:
+  if model_structure != structure:  # type: ignore[operator]  # PyTreeDefs
     keys = lambda pairs: {jax.tree_util.keystr(path) for path, _ in pairs}
     differ = sorted(keys(flat) ^ keys(paths)) or ['a node type']
     raise ValueError(
