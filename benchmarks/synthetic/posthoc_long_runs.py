@@ -59,7 +59,6 @@ from scipy import signal
 import optax_bema
 from optax_bema import _profiles
 from optax_bema import _synthesis
-from optax_bema import _tree
 from optax_bema._schedule import Schedule
 
 LEARNING_RATE = 0.1
@@ -351,24 +350,6 @@ def simulate(num_steps: int, dim: int, tracked, steps, seed: int = 0):
   return snapshots, online, np.asarray(params, np.float64)
 
 
-class jitted_finite_check:  # pylint: disable=invalid-name
-  """Within it, the library's finiteness test of a snapshot runs compiled.
-
-  ``_tree.all_finite`` called eagerly (synthesize tests every saved array)
-  builds a new ``lax.cond`` on each call, and JAX compiles it again each
-  time: 0.1-0.4 s per array, most of synthesize's time. ``jax.jit`` of the
-  same function compiles once per layout and computes the same value; the
-  validation uses it to run in minutes, the cost section measures both.
-  """
-
-  def __enter__(self):
-    self.eager = _tree.all_finite
-    _tree.all_finite = jax.jit(self.eager)
-
-  def __exit__(self, *exc):
-    _tree.all_finite = self.eager
-
-
 def stored_in(snapshot, dtype):
   """A snapshot with its float arrays cast to ``dtype``."""
   return jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(
@@ -392,9 +373,8 @@ def validate(lengths, counts, dim, tracked) -> list:
     for n in counts:
       for storage, dtype, ridge in STORAGES:
         chosen = [stored_in(snapshots[s], dtype) for s in steps[n]]
-        with jitted_finite_check():
-          models, residuals = optax_bema.synthesize(issue_targets(), chosen,
-                                                    ridge=ridge)
+        models, residuals = optax_bema.synthesize(issue_targets(), chosen,
+                                                  ridge=ridge)
         for k, model in models.items():
           error = (np.linalg.norm(np.asarray(model, np.float64) - online[k])
                    / np.linalg.norm(online[k] - last))
@@ -416,7 +396,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cost_child(num_steps: int, path: str, compiled_check: bool):
+def cost_child(num_steps: int, path: str):
   """In a fresh process: synthesize 3 targets from 41 snapshots of a run of
   ``num_steps`` steps with 8 parameters; prints wall time and peak RSS."""
   steps = optax_bema.snapshot_steps(num_steps, 40)
@@ -439,19 +419,14 @@ def cost_child(num_steps: int, path: str, compiled_check: bool):
              'power': optax_bema.power_ema(0.02)}
   before = peak_memory_mb()
   t0 = time.perf_counter()
-  if compiled_check:
-    with jitted_finite_check():
-      optax_bema.synthesize(targets, snapshots)
-  else:
-    optax_bema.synthesize(targets, snapshots)
+  optax_bema.synthesize(targets, snapshots)
   wall = time.perf_counter() - t0
   peak = peak_memory_mb()
   print(json.dumps(dict(steps=num_steps, snapshots=len(steps), seconds=wall,
-                        peak_mb=peak, before_mb=before,
-                        compiled_check=compiled_check)))
+                        peak_mb=peak, before_mb=before)))
 
 
-def synthesis_cost(lengths, out_dir, eager: bool) -> list:
+def synthesis_cost(lengths, out_dir) -> list:
   """Runs ``cost_child`` per length on snapshots of a short real run."""
   steps = optax_bema.snapshot_steps(1000, 40)
   snaps, _, _ = simulate(1000, 8, (optax_bema._posthoc.DEFAULT_POSTHOC_POWERS,
@@ -472,17 +447,13 @@ def synthesis_cost(lengths, out_dir, eager: bool) -> list:
   np.savez(path, **arrays)
   rows = []
   for num_steps in lengths:
-    # The eager finiteness test costs the same per snapshot at any length.
-    first = eager and num_steps == lengths[0]
-    for compiled in (False, True) if first else (True,):
-      done = subprocess.run(
-          [sys.executable, __file__, '--cost-child', str(num_steps), path,
-           str(int(compiled))], capture_output=True, text=True, check=True)
-      rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-      print(f'  synthesis at T={num_steps} (finiteness test '
-            f'{"compiled once" if compiled else "as the library runs it"}): '
-            f'{rows[-1]["seconds"]:.1f}s, peak RSS {rows[-1]["peak_mb"]:.0f} '
-            f'MB (before it {rows[-1]["before_mb"]:.0f} MB)', flush=True)
+    done = subprocess.run(
+        [sys.executable, __file__, '--cost-child', str(num_steps), path],
+        capture_output=True, text=True, check=True)
+    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f'  synthesis at T={num_steps}: {rows[-1]["seconds"]:.1f}s, peak '
+          f'RSS {rows[-1]["peak_mb"]:.0f} MB (before it '
+          f'{rows[-1]["before_mb"]:.0f} MB)', flush=True)
   os.remove(path)
   return rows
 
@@ -536,13 +507,11 @@ def report(result: dict) -> str:
                                            for c in keys) + ' |')
     lines.append('')
   lines += ['## Synthesis\' own cost (41 snapshots, 3 targets, 8 '
-            'parameters)', '', '| steps | finiteness test | seconds | '
-            'peak RSS (MB) | RSS before (MB) |', '|---|---|---|---|---|']
+            'parameters)', '', '| steps | seconds | peak RSS (MB) | RSS '
+            'before (MB) |', '|---|---|---|---|']
   for r in result['cost']:
-    lines.append(f'| {r["steps"]:.0e} | '
-                 f'{"compiled once" if r["compiled_check"] else "eager"} | '
-                 f'{r["seconds"]:.1f} | {r["peak_mb"]:.0f} | '
-                 f'{r["before_mb"]:.0f} |')
+    lines.append(f'| {r["steps"]:.0e} | {r["seconds"]:.1f} | '
+                 f'{r["peak_mb"]:.0f} | {r["before_mb"]:.0f} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -583,11 +552,10 @@ def main():
   parser.add_argument('--quick', action='store_true')
   parser.add_argument('--out',
                       default='benchmarks/results/synthetic/posthoc_long_runs')
-  parser.add_argument('--cost-child', nargs=3, help=argparse.SUPPRESS)
+  parser.add_argument('--cost-child', nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.cost_child:
-    cost_child(int(float(args.cost_child[0])), args.cost_child[1],
-               bool(int(args.cost_child[2])))
+    cost_child(int(float(args.cost_child[0])), args.cost_child[1])
     return
   os.makedirs(args.out, exist_ok=True)
   if args.quick:
@@ -622,7 +590,7 @@ def main():
   print('Validation on models:', flush=True)
   validation = validate(valid, counts, dim, tracked)
   print('Synthesis cost:', flush=True)
-  cost = synthesis_cost(cost_lengths, args.out, eager=not args.quick)
+  cost = synthesis_cost(cost_lengths, args.out)
   result = dict(
       chosen=f'ema_powers={powers}, stds={stds}', tracked=[powers, stds],
       fraction=fraction, screen_lengths=lengths,
