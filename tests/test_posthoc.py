@@ -164,10 +164,15 @@ def test_synthesize_is_exact_for_a_tracked_average(posthoc_run):
   params, state, snapshots = posthoc_run
   saved = [(_posthoc_part(s), p) for s, p in snapshots]
   tracked = optax_bema.ema(ema_power=0.5, update_freq=1)
-  result = optax_bema.synthesize(tracked, saved)
-  assert result.residual < 1e-6
   online = optax_bema.averaged_params(state, params, name='ema_power=0.5')
+  # Exact up to the ridge, which damps the directions it is about: with
+  # float32's own precision as the ridge, to that precision.
+  result = optax_bema.synthesize(tracked, saved, ridge=1e-6)
+  assert result.residual < 1e-6
   np.testing.assert_allclose(result.model, online, rtol=1e-5, atol=1e-5)
+  default = optax_bema.synthesize(tracked, saved)
+  assert default.residual < 1e-4
+  np.testing.assert_allclose(default.model, online, rtol=1e-4, atol=1e-4)
 
 
 def test_synthesize_refuses_bad_input(posthoc_run):
