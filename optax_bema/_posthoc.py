@@ -226,18 +226,17 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
 
 
 def whole_step(value, caller: str, what: str = 'a step') -> int:
-  """``value`` as an int >= 0: a whole number (Python, NumPy or a 0-d
-  array); ``ValueError`` if fractional or negative, ``TypeError`` if not a
-  number at all."""
+  """``value`` as an int >= 0: ``TypeError`` if it is not an integer (a
+  Python, NumPy or 0-d JAX integer; 10.0 is a float), ``ValueError`` if
+  negative."""
   if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
     value = value.item()
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(f'{caller}: {what} must be an integer, got {value!r} '
                     f'({type(value).__name__}).')
-  if not float(value).is_integer() or value < 0:
-    raise ValueError(f'{caller}: {what} must be an integer >= 0, got '
-                     f'{value!r}.')
-  return int(value)  # type: ignore[call-overload]  # a whole Real
+  if value < 0:
+    raise ValueError(f'{caller}: {what} must be >= 0, got {value}.')
+  return int(value)
 
 
 def profile(stabilizer: _engine.Stabilizer, num_steps: int) -> np.ndarray:
