@@ -18,10 +18,11 @@ from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import AveragesState
 from optax_bema._posthoc import averages
 from optax_bema._posthoc import posthoc_ema
-from optax_bema._posthoc import profile
-from optax_bema._posthoc import replay
-from optax_bema._posthoc import uniform_profile
+from optax_bema._posthoc import snapshot_steps
 from optax_bema._readout import averaged_params
+from optax_bema._replay import profile
+from optax_bema._replay import replay
+from optax_bema._replay import uniform_profile
 from optax_bema._stabilizers import BemaState
 from optax_bema._stabilizers import DemaState
 from optax_bema._stabilizers import EmaState
@@ -32,7 +33,6 @@ from optax_bema._stabilizers import ema
 from optax_bema._stabilizers import ouema
 from optax_bema._stabilizers import power_ema
 from optax_bema._synthesis import Synthesized
-from optax_bema._synthesis import snapshot_steps
 from optax_bema._synthesis import synthesize
 
 __version__ = '0.1.0'

@@ -101,3 +101,17 @@ def check_schedule(transform, *, update_after, update_freq):
         lambda v: v >= 0 and v == int(v), 'be an integer >= 0')
   check(transform, 'update_freq', update_freq,
         lambda v: v >= 1 and v == int(v), 'be an integer >= 1')
+
+
+def whole_step(value, caller: str, what: str = 'a step') -> int:
+  """``value`` as an int >= 0: ``TypeError`` if it is not an integer (a
+  Python, NumPy or 0-d JAX integer; 10.0 is a float), ``ValueError`` if
+  negative."""
+  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f'{caller}: {what} must be an integer, got {value!r} '
+                    f'({type(value).__name__}).')
+  if value < 0:
+    raise ValueError(f'{caller}: {what} must be >= 0, got {value}.')
+  return int(value)

@@ -29,6 +29,7 @@ from optax_bema import _engine
 from optax_bema import _posthoc
 from optax_bema import _profiles
 from optax_bema import _readout
+from optax_bema import _replay
 from optax_bema import _tree
 
 
@@ -90,7 +91,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
     TypeError: a target that is neither a stabilizer nor a profile, or a
       one-shot iterator.
   """
-  single, targets = _posthoc.as_targets(target, 'synthesize')
+  single, targets = _replay.as_targets(target, 'synthesize')
   if (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
       or not math.isfinite(ridge) or ridge < 0):
     raise ValueError(f'synthesize: ridge must be a finite number >= 0, got '
@@ -159,7 +160,7 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
     raise ValueError(f'synthesize: the averages skipped non-finite iterates '
                      f'({skipped} by step {step}); their profiles are not '
                      'the nominal ones, so no synthesis can be trusted.')
-  layout = _posthoc.check_next(layout, params, last, step, 'synthesize')
+  layout = _replay.check_next(layout, params, last, step, 'synthesize')
   for k, (rule, _, state) in members.items():
     for field in rule.averages:
       if getattr(state, field) is not None:
@@ -167,9 +168,9 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
             getattr(state, field), params,
             f'synthesize: the average {k!r} at step {step} ({field})')
   models = {k: _readout.model(s, params) for k, (_, _, s) in members.items()}
-  _posthoc.require_finite(params, f'synthesize: the params at step {step}')
+  _replay.require_finite(params, f'synthesize: the params at step {step}')
   for k, model in models.items():
-    _posthoc.require_finite(
+    _replay.require_finite(
         model, f'synthesize: the values of the average {k!r} at step {step}')
   return _Snapshot(step, members, layout, _checksum(params, members), params)
 
@@ -283,7 +284,7 @@ def _target_columns(target, ends) -> _profiles.Columns:
   if isinstance(target, _engine.Stabilizer):
     return _select(target.rule.profile(target.schedule, ends),
                    [len(ends) - 1])
-  w = _posthoc.check_profile(target, int(ends[-1]), 'synthesize')
+  w = _replay.check_profile(target, int(ends[-1]), 'synthesize')
   empty = np.zeros(0, np.int64)
   return _profiles.Columns(ends, w[None], np.ones((1, len(ends), 1)),
                            (empty, empty, np.zeros(0)))
@@ -384,68 +385,3 @@ def _accumulate(sums, arrays, weights):
         lambda *xs: sum(weights[m, j] * x for j, x in enumerate(xs)), *arrays)
     return total if sums is None else jax.tree.map(jnp.add, sums[m], total)
   return [one(m) for m in range(weights.shape[0])]
-
-
-# The fraction of snapshots placed near the end: chosen, with the tracked
-# set of posthoc_ema, by the rule of benchmarks/synthetic/posthoc_long_runs.py.
-NEAR_END_FRACTION = 0.25
-
-
-def snapshot_steps(num_steps: int, num_snapshots: int) -> list[int]:
-  """The steps at which to save snapshots for :func:`synthesize`.
-
-  Step 0 and ``num_steps`` = T; a quarter of the snapshots at distances
-  from T spaced evenly in log scale, from 1 step up to the even spacing;
-  the others evenly spaced from step 0. A short average's final model
-  depends only on the last few iterates, which only snapshots inside its
-  window see (a power-law EMA's window is about t ** ema_power steps: 130
-  steps for ema_power 0.4 at 200,000 steps), while long averages and
-  averages updated every few hundred steps are matched best from evenly
-  spread snapshots. With :func:`posthoc_ema`'s defaults and 40 snapshots
-  this synthesizes the final model of the targets listed there within 2%
-  of its distance from theta_T on runs of 1e3 to 1e6 steps (SGD on a noisy
-  quadratic); 40 evenly spaced snapshots miss short averages by 75% or more
-  at 2e5 steps.
-
-  If training stops early, at step S, save a snapshot at S too: only the
-  evenly spaced snapshots lie before it, so averages wider than their
-  spacing (about 4 T / (3 n) steps) are still recovered at S, shorter ones
-  are not. If it runs longer, to T' > T, the saved steps stay valid and the
-  model at T can still be synthesized from the snapshots up to T; for T'
-  save the steps of ``snapshot_steps(T', n)`` after T as well (the last
-  ones, near T', are what short averages need).
-
-  Args:
-    num_steps: T, the run's length, an integer >= 1.
-    num_snapshots: n, how many snapshots besides step 0, an integer >= 1.
-
-  Returns:
-    At most ``num_snapshots + 1`` distinct increasing steps, the first 0,
-    the last ``num_steps``.
-
-  Raises:
-    TypeError: an argument that is not an integer (``True`` is not one).
-    ValueError: ``num_steps`` or ``num_snapshots`` below 1.
-
-  Examples:
-    >>> import optax_bema
-    >>> optax_bema.snapshot_steps(1000, 8)
-    [0, 167, 333, 500, 667, 833, 987, 999, 1000]
-  """
-  num_steps = _posthoc.whole_step(num_steps, 'snapshot_steps', 'num_steps')
-  count = _posthoc.whole_step(num_snapshots, 'snapshot_steps',
-                              'num_snapshots')
-  if num_steps < 1 or count < 1:
-    raise ValueError(f'snapshot_steps: need num_steps >= 1 and num_snapshots '
-                     f'>= 1, got {num_steps} and {count}.')
-  near = int(round(NEAR_END_FRACTION * count))
-  even = count - near
-  spaced = np.linspace(0, num_steps, even + 1)[:-1]
-  distances = np.round(np.geomspace(1, num_steps / even, near + 1)[:-1]
-                       if even else np.geomspace(1, num_steps, near))
-  # Whole, distinct distances: each at least one more than the previous.
-  distances = (np.maximum.accumulate(distances - np.arange(near))
-               + np.arange(near))
-  distances = distances[distances <= num_steps]
-  steps = np.concatenate([[0, num_steps], spaced, num_steps - distances])
-  return [int(s) for s in np.unique(np.round(steps).astype(np.int64))]
