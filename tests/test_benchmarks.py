@@ -144,8 +144,16 @@ def test_finetune_smoke(tmp_path):
   for by_method in sweep.values():
     assert {'adamw', 'adamw/cosine', 'ema/wsd', 'pace', 'pace/wsd',
             'schedule_free'} <= set(by_method)
+  # pace/matched: the sweep at every rate, c chosen on validation, and at
+  # c = 0 exactly the ema baseline at lag 1 (PACE's EMA without a pullback).
+  for lr, entry in results['pace_matched'].items():
+    assert entry['chosen_pullback'] in map(float, entry['by_pullback'])
+    assert sweep[lr]['pace/matched']['final_eval_loss_per_seed'] == (
+        sweep[lr]['pace/matched/pullback=' + '{:g}'.format(
+            entry['chosen_pullback'])]['final_eval_loss_per_seed'])
+    assert np.abs(entry['pullback_0_minus_ema/lag=1_per_seed']).max() < 1e-6
   claims = results['claims']
-  assert len(claims) == 7
+  assert len(claims) == 10  # PACE's three twice: pace/matched, then pace
   for c in claims:
     assert set(c) == {'claim', 'source', 'measured', 'verdict'}
     assert c['verdict'] in _claims.VERDICTS and c['measured']
