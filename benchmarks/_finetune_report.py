@@ -190,16 +190,22 @@ def _acceleration_panel(ax, methods, title):
   ax.legend(fontsize=6)
 
 
+def _pullback_ticks(entry) -> list[tuple[float, float]]:
+  """(x position, c) of each swept pullback, c = 0 at the smallest c / 3."""
+  cs = sorted(float(c) for c in entry['by_pullback'])
+  zero_at = min([c for c in cs if c > 0], default=3.0) / 3
+  return [(c or zero_at, c) for c in cs]
+
+
 def _matched_panels(loss_ax, telemetry_ax, summary, methods):
   """Per rate, against the pullback c (c = 0 drawn at the sweep's smallest
-  c / 3, a log axis having no 0): the returned model's held-out (solid) and
+  c / 3, labelled 0: a log axis has no 0): the returned model's held-out
+  (solid) and
   validation (dotted) loss, the chosen c ringed, and the paper's telemetry
   at the last step, clipped fraction (solid) and mean gain (dashed)."""
   for i, (lr, entry) in enumerate(summary.items()):
     cs = sorted(entry['by_pullback'], key=float)
-    positive = [float(c) for c in cs if float(c) > 0]
-    zero_at = min(positive) / 3 if positive else 1.0
-    xs = [float(c) or zero_at for c in cs]
+    xs = [x for x, _ in _pullback_ticks(entry)]
     rows = [entry['by_pullback'][c] for c in cs]
     color = f'C{i}'
     loss_ax.plot(xs, [r['held_out_loss'] for r in rows], '-o', ms=3,
@@ -217,19 +223,24 @@ def _matched_panels(loss_ax, telemetry_ax, summary, methods):
                       color=color, label=f'lr {lr} clipped fraction')
     telemetry_ax.plot(xs, [r['mean_gain'] for r in rows], '--', color=color,
                       label=f'lr {lr} mean gain')
+  ticks = sorted({(x, c) for entry in summary.values()
+                  for x, c in _pullback_ticks(entry)})
   for ax, ylabel, title in (
       (loss_ax, 'final loss of the returned EMA (nats/byte)',
        'pace/matched: loss against the pullback (ringed: chosen on '
-       'validation; leftmost point: c = 0)'),
+       'validation)'),
       (telemetry_ax, 'at the last step',
        'pace/matched: the paper\'s telemetry against the pullback')):
     ax.set_xscale('log')
+    ax.set_xticks([x for x, _ in ticks], [f'{c:g}' for _, c in ticks])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel('pullback c')
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
   telemetry_ax.set_yscale('symlog', linthresh=1e-3)
+  telemetry_ax.set_ylim(bottom=0)
 
 
 def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
