@@ -315,8 +315,8 @@ def _family_panel(ax, family):
   ax.set_yscale('log')
   ax.set_xlabel('noise-to-curvature ratio sigma^2 / alpha')
   ax.set_ylabel('EMA error without pullback / with the best gain')
-  ax.set_title(f'stylised PACE: factor along the family (eta '
-               f'{STYLISED["eta"]:g}; points simulated)')
+  ax.set_title(f'stylised PACE along the family, eta {STYLISED["eta"]:g}\n'
+               '(lines: closed form; points: simulated)')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
 
