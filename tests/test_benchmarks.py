@@ -78,6 +78,31 @@ def test_pullback_lowers_the_stationary_ema_error(quadratic_results):
           > Z_TOLERANCE * math.hypot(plain['stderr'], pulled['stderr']))
 
 
+def test_pullback_factor_saturates_at_a_fixed_average(quadratic_results):
+  """Along alpha -> 0 (noise-to-curvature ratio without bound) the best
+  clipped gain is 1 and the factor tends to 1 / beta for a fixed beta
+  (gamma0(0) -> eta sigma^2 / (2 alpha), gamma0(1) -> beta times that),
+  while with beta = eta alpha it grows like 1 / (2 eta alpha)."""
+  rows = quadratic_results['pace_family']
+  beta = quadratic.STYLISED['beta']
+  for average in ('fixed', 'lengthening'):
+    factors = [r['factor'] for r in rows if r['average'] == average]
+    assert factors == sorted(factors) and factors[0] > 1
+  fixed = [r for r in rows if r['average'] == 'fixed']
+  assert fixed[-1]['factor'] == pytest.approx(1 / beta, rel=1e-3)
+  assert all(r['factor'] < 1 / beta for r in fixed)
+  longest = rows[-1]
+  assert longest['average'] == 'lengthening'
+  assert longest['factor'] == pytest.approx(
+      1 / (2 * quadratic.STYLISED['eta'] * longest['alpha']), rel=0.01)
+  simulated = [r for r in rows if 'simulated_factor' in r]
+  assert {r['average'] for r in simulated} == {'fixed', 'lengthening'}
+  for r in simulated:
+    z = (r['simulated_factor'] - r['factor']) / r['simulated_factor_stderr']
+    assert abs(z) < Z_TOLERANCE, r
+    assert r['simulated_factor'] == pytest.approx(r['factor'], rel=0.1), r
+
+
 def test_theory_matched_bema_is_the_mle_over_the_whole_run(
     quadratic_results):
   """With beta_t = 1/t and alpha_t = 1/(eta t) the library's BEMA is Thm.
@@ -147,8 +172,16 @@ def test_finetune_smoke(tmp_path):
   for by_method in sweep.values():
     assert {'adamw', 'adamw/cosine', 'ema/wsd', 'pace', 'pace/wsd',
             'schedule_free'} <= set(by_method)
+  # pace/matched: the sweep at every rate, c chosen on validation, and at
+  # c = 0 exactly the ema baseline at lag 1 (PACE's EMA without a pullback).
+  for lr, entry in results['pace_matched'].items():
+    assert entry['chosen_pullback'] in map(float, entry['by_pullback'])
+    assert sweep[lr]['pace/matched']['final_eval_loss_per_seed'] == (
+        sweep[lr]['pace/matched/pullback=' + '{:g}'.format(
+            entry['chosen_pullback'])]['final_eval_loss_per_seed'])
+    assert np.abs(entry['pullback_0_minus_ema/lag=1_per_seed']).max() < 1e-6
   claims = results['claims']
-  assert len(claims) == 7
+  assert len(claims) == 10  # PACE's three twice: pace/matched, then pace
   for c in claims:
     assert set(c) == {'claim', 'source', 'measured', 'verdict'}
     assert c['verdict'] in _claims.VERDICTS and c['measured']

@@ -128,15 +128,21 @@ def _versus(ev: Evidence, a, b, sign, lr=None, prefix=''):
   return describe(f'{prefix}{a} - {b}', d), sign_verdict(d, sign)
 
 
-def pace_margins(finals: Mapping, baselines) -> dict:
-  """Per lr and seed: the strongest baseline's loss minus PACE's (> 0:
+def pace_margins(finals: Mapping, baselines, pace: str = 'pace') -> dict:
+  """Per lr and seed: the strongest baseline's loss minus ``pace``'s (> 0:
   PACE ahead of every baseline); ``finals[lr][name]`` per-seed losses."""
-  return {lr: np.min([np.subtract(ms[b], ms['pace']) for b in baselines], 0)
+  return {lr: np.min([np.subtract(ms[b], ms[pace]) for b in baselines], 0)
           for lr, ms in finals.items()}
 
 
-def claims(ev: Evidence, baselines: Sequence[str]) -> list[dict]:
-  """The claims this study can test, each with its measured numbers."""
+def claims(ev: Evidence, baselines: Sequence[str],
+           paces: Sequence[tuple[str, str]] = (('pace', ''),)) -> list[dict]:
+  """The claims this study can test, each with its measured numbers.
+
+  PACE's three claims are judged for each ``(method, label)`` of ``paces``
+  in turn, the first deciding them, the rest as rows of their own; the
+  label (which PACE) heads each ``measured``.
+  """
   seeds = len(ev.finals[ev.base_lr]['adamw'])
   at = f' (lr {ev.base_lr:g}, {seeds} seeds, paired)'
   out = []
@@ -153,7 +159,21 @@ def claims(ev: Evidence, baselines: Sequence[str]) -> list[dict]:
     out.append(_claim('OUEMA beats EMA, and BEMA beats OUEMA' + at,
                       BEMA_PAPER, [_versus(ev, 'ouema', 'ema', -1),
                                    _versus(ev, 'bema', 'ouema', -1)]))
-  if ev.has('pace', *baselines):
+  for pace, label in paces:
+    out.extend(_pace_claims(ev, baselines, pace, label))
+  if ev.has('adaptive_ademamix', 'adamw', 'ademamix'):
+    out.append(_claim(
+        'Adaptive AdEMAMix lands behind AdamW and ahead of plain AdEMAMix'
+        + at, ADEMAMIX_REPORT,
+        [_versus(ev, 'adaptive_ademamix', 'adamw', +1),
+         _versus(ev, 'adaptive_ademamix', 'ademamix', -1)]))
+  return out
+
+
+def _pace_claims(ev: Evidence, baselines, pace: str, label: str) -> list:
+  """PACE's three claims for the method ``pace``; ``label`` says which."""
+  out = []
+  if ev.has(pace, *baselines):
     parts = []
     for lr in ev.lrs:
       for family in dict.fromkeys(b.split('/')[0] for b in baselines):
@@ -161,15 +181,15 @@ def claims(ev: Evidence, baselines: Sequence[str]) -> list[dict]:
         # so the worst verdict counts and the binding comparison is shown.
         rivals = [b for b in baselines if b.split('/')[0] == family]
         worst = max(rivals,
-                    key=lambda b, lr=lr: ev.loss_diff('pace', b, lr).mean())
-        parts.append((describe(f'lr {lr:g}: pace - {worst} (best {family})',
-                               ev.loss_diff('pace', worst, lr)),
-                      max((sign_verdict(ev.loss_diff('pace', b, lr), -1)
+                    key=lambda b, lr=lr: ev.loss_diff(pace, b, lr).mean())
+        parts.append((describe(f'lr {lr:g}: {pace} - {worst} (best {family})',
+                               ev.loss_diff(pace, worst, lr)),
+                      max((sign_verdict(ev.loss_diff(pace, b, lr), -1)
                            for b in rivals), key=VERDICTS.index)))
     out.append(_claim(
         'PACE at a constant rate beats AdamW and EMA with their best '
         f'schedule (each of {", ".join(baselines)})', PACE_PAPER, parts))
-    margins = pace_margins(ev.finals, baselines)
+    margins = pace_margins(ev.finals, baselines, pace)
     if len(ev.lrs) < 2:
       out.append(dict(
           claim="PACE's margin over the best-scheduled baselines grows "
@@ -184,28 +204,25 @@ def claims(ev: Evidence, baselines: Sequence[str]) -> list[dict]:
         verdict = 'partly'  # it must grow at every step of the sweep
       out.append(_claim(
           "PACE's margin over the best-scheduled baselines grows with the "
-          'learning rate (margin = strongest baseline - pace, per seed; '
+          'learning rate (margin = strongest baseline - PACE, per seed; '
           'must rise at every rate)', PACE_PAPER,
           [('margins ' + ', '.join(f'lr {lr:g}: {m:+.4f}' for lr, m in
                                    zip(ev.lrs, means)) + '; '
             + describe(f'margin({ev.lrs[-1]:g}) - margin({ev.lrs[0]:g})',
                        growth), verdict)]))
-  if ev.has('pace', 'schedule_free'):
+  if ev.has(pace, 'schedule_free'):
     parts = []
     for lr in ev.lrs:
-      d = ev.loss_diff('pace', 'schedule_free', lr)
-      parts.append((describe(f'lr {lr:g}: pace - schedule_free', d),
+      d = ev.loss_diff(pace, 'schedule_free', lr)
+      parts.append((describe(f'lr {lr:g}: {pace} - schedule_free', d),
                     competitive_verdict(d)))
     out.append(_claim(
         'PACE is competitive with Schedule-Free AdamW (not worse beyond one '
         f'sd; within {COMPETITIVE_TOLERANCE} nats/byte: partly)',
         PACE_PAPER, parts))
-  if ev.has('adaptive_ademamix', 'adamw', 'ademamix'):
-    out.append(_claim(
-        'Adaptive AdEMAMix lands behind AdamW and ahead of plain AdEMAMix'
-        + at, ADEMAMIX_REPORT,
-        [_versus(ev, 'adaptive_ademamix', 'adamw', +1),
-         _versus(ev, 'adaptive_ademamix', 'ademamix', -1)]))
+  if label:
+    for c in out:
+      c['measured'] = f'[{label}] ' + c['measured']
   return out
 
 

@@ -14,8 +14,12 @@ loss of the model it would RETURN:
   ``optax_bema.averages`` last in its chain), ``ema``/``bema`` at
   other ``update_freq`` values (``bema/f=1`` ...), and ``ema/cosine``,
   ``ema/wsd`` over the scheduled runs, all free on those trajectories.
-* ``pace``: ``optax_bema.pace``'s EMA at a constant rate, ``pace/wsd``, and
-  ``pace/pullback=c`` a sweep.
+* ``pace``: ``optax_bema.pace``'s EMA at a constant rate with the PACE
+  paper's headline setting, ``pace/wsd``, and ``pace/pullback=c`` a sweep.
+* ``pace/matched``: PACE whose EMA is the ``ema`` baseline's average (the
+  PACE paper's ablation, its Fig. 2: the same EMA power, so the two differ
+  only in the pullback), its pullback chosen per rate on a validation split
+  from the sweep ``pace/matched/pullback=c`` (c = 0 included).
 * ``schedule_free``: ``optax.contrib.schedule_free_adamw`` at the same peak
   rate and warmup, evaluated at ``schedule_free_eval_params``.
 * ``adaptive_ademamix`` against the report's baselines, ``adamw`` and plain
@@ -25,7 +29,12 @@ The full study repeats the schedules, PACE and Schedule-Free at three
 learning rates. Every method sees the same batches (per seed), warmup and
 global-norm clipping at 1.0, so each difference is the method's. Each
 method's steps to reach AdamW's final loss measure acceleration, and the
-papers' claims get a verdict by the rule in ``_claims.py``.
+papers' claims get a verdict by the rule in ``_claims.py``; PACE's are
+decided with ``pace/matched``, the headline ``pace`` judged beside it.
+
+The validation windows are the training text's last bytes, which training
+batches never sample; the held-out windows (the corpus' tail) choose
+nothing.
 
   python benchmarks/lm/finetune.py --quick --out benchmarks/results/lm/finetune
 """
@@ -71,18 +80,31 @@ STABILIZER = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
 UPDATE_FREQ = 10
 SWEPT_STABILIZERS = ('ema', 'bema')
 PACE = dict(pullback=0.15, ema_power=0.2)  # the PACE paper's headline
+# PACE's EMA as the ``ema`` baseline's: the same power, multiplier and update
+# steps. PACE's weight (1 + gamma max(0, t - delay))^-kappa would need
+# delay = -(lag - 1) / gamma = -9 to reproduce the baseline's (lag + gamma
+# t)^-kappa, and delay >= 0; delay 0 gives base 1 + t instead of 10 + t, the
+# baseline at lag 1 (the row ``ema/lag=1``, which the pullback-0 row equals).
+# The two profiles differ by a total variation of 0.013 at step 300 and 0.002
+# at step 1000 (``matched_profiles``), and no multiplier does better.
+PACE_MATCHED = dict(ema_power=STABILIZER['ema_power'], delay=0.0,
+                    multiplier=STABILIZER['multiplier'],
+                    update_freq=UPDATE_FREQ)
+MATCHED = 'pace/matched'
 ADEMAMIX_ALPHA = 4.0   # the report's alpha_base, so the baseline differs only
                        # by the adaptivity
 # What PACE at a constant rate must beat: AdamW and its EMA at every schedule.
 BASELINES = tuple(f'{m}{"" if s == "constant" else "/" + s}'
                   for m in ('adamw', 'ema') for s in _schedules.SCHEDULES)
-SWEPT_METHODS = BASELINES + ('pace', 'pace/wsd', 'schedule_free')
+SWEPT_METHODS = BASELINES + (MATCHED, 'pace', 'pace/wsd', 'schedule_free')
 
 # quick and full share the model and its pretraining, hence the cached
 # checkpoint; full runs longer, on more seeds and rates, with a larger
 # evaluation set, and adds pace/wsd (no claim needs it; quick stays within
-# its budget without it). The sweeps of update_freq and pullback run at the
-# base rate.
+# its budget without it). The sweeps of update_freq and the headline's
+# pullback run at the base rate; the matched pullbacks at every rate, where
+# the full study spans 100x around the paper's GPT-2 basin (c about 3e-3)
+# and its headline (0.15), and quick three values.
 _MODEL = _lm.ModelConfig(width=128, layers=2, heads=4, context=64)
 _PRETRAIN = dict(corpus_bytes=2_000_000, steps=600, batch=32,
                  learning_rate=3e-3)
@@ -91,11 +113,13 @@ CONFIGS = {
     'full': dict(model=_MODEL, pretrain=_PRETRAIN, steps=1000, batch=8,
                  eval_every=50, eval_windows=128, seeds=3,
                  learning_rates=(3e-4, 1e-3, 3e-3), pace_schedules=_PACE_BOTH,
-                 update_freqs=(1, 3, 10, 30), pullbacks=(0.0, 0.15)),
+                 update_freqs=(1, 3, 10, 30), pullbacks=(0.0, 0.15),
+                 matched_pullbacks=(0.0, 0.003, 0.01, 0.03, 0.1, 0.3)),
     'quick': dict(model=_MODEL, pretrain=_PRETRAIN, steps=300, batch=8,
                   eval_every=25, eval_windows=64, seeds=2,
                   learning_rates=(LEARNING_RATE,), pace_schedules=('constant',),
-                  update_freqs=(1, 3, 10, 30), pullbacks=(0.15,)),
+                  update_freqs=(1, 3, 10, 30), pullbacks=(0.15,),
+                  matched_pullbacks=(0.0, 0.01, 0.1)),
     # For the tests: every code path in seconds, numbers meaningless.
     'smoke': dict(
         model=_lm.ModelConfig(width=32, layers=1, heads=2, context=16),
@@ -103,7 +127,8 @@ CONFIGS = {
                       learning_rate=3e-3),
         steps=6, batch=2, eval_every=2, eval_windows=4, seeds=2,
         learning_rates=(1e-3, 3e-3), pace_schedules=_PACE_BOTH,
-        update_freqs=(1, 10), pullbacks=(0.15,)),
+        update_freqs=(1, 10), pullbacks=(0.15,),
+        matched_pullbacks=(0.0, 0.1)),
 }
 
 
@@ -151,6 +176,10 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
     if schedule == 'constant':
       stabilizers = _common.make_stabilizers(
           _transforms.STABILIZERS, update_freq=UPDATE_FREQ, **STABILIZER)
+      # What pace/matched/pullback=0 must equal: PACE's EMA, lag 1.
+      stabilizers.update(_common.make_stabilizers(
+          ('ema',), suffix='/lag=1', update_freq=UPDATE_FREQ,
+          **dict(STABILIZER, lag=1.0)))
       for f in config['update_freqs'] if base else ():
         if f != UPDATE_FREQ:
           stabilizers.update(_common.make_stabilizers(
@@ -168,9 +197,14 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
   pace_runs += [(f'pace/pullback={c}', 'constant', c)
                 for c in (config['pullbacks'] if base else ())
                 if c != PACE['pullback']]
-  for name, schedule, c in pace_runs:
+  pace_runs = [(name, schedule, dict(PACE, pullback=c))
+               for name, schedule, c in pace_runs]
+  pace_runs += [(f'{MATCHED}/pullback={c:g}', 'constant',
+                 dict(PACE_MATCHED, pullback=c))
+                for c in config['matched_pullbacks']]
+  for name, schedule, settings in pace_runs:
     out.append(Run(name, optax.chain(clip, optax_bema.pace(
-        rate(schedule), weight_decay=WEIGHT_DECAY, **dict(PACE, pullback=c))),
+        rate(schedule), weight_decay=WEIGHT_DECAY, **settings)),
                    optax_bema.averaged_params, telemetry=_pace_telemetry))
   out.append(Run('schedule_free', optax.chain(
       clip, optax.contrib.schedule_free_adamw(
@@ -188,12 +222,14 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
   return out
 
 
-def trainer(run: Run, model, eval_set, eval_every):
+def trainer(run: Run, model, eval_set, validation, eval_every):
   """Compiles ``run`` once; the returned function trains it on one seed.
 
   ``train(params, batches, bar)`` returns ``({model_name: [[step, loss]]},
-  {field: value})``, the curves and the telemetry at the last step; step 0
-  of a curve is the pretrained model, shared by every method.
+  {field: value}, {model_name: loss})``: the curves on ``eval_set``, the
+  telemetry at the last step and each model's final loss on
+  ``validation``; step 0 of a curve is the pretrained model, shared by
+  every method.
   """
   def loss(p, windows):
     return _lm.loss_fn(model, p, windows)
@@ -208,7 +244,7 @@ def trainer(run: Run, model, eval_set, eval_every):
     return optax.apply_updates(params, updates), state
 
   @jax.jit
-  def evaluate(params, state):
+  def evaluate(params, state, windows):
     models = {k: optax_bema.averaged_params(state, params, name=k)
               for k in run.averaged}
     models[run.name] = run.readout(state, params)
@@ -216,7 +252,7 @@ def trainer(run: Run, model, eval_set, eval_every):
     # per model; lax.map holds one model's activations at a time, which on
     # CPU is about twice as fast as vmap.
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *models.values())
-    losses = jax.lax.map(lambda p: loss(p, eval_set), stacked)
+    losses = jax.lax.map(lambda p: loss(p, windows), stacked)
     return dict(zip(models, losses))
 
   def train(params, batches, bar):
@@ -227,17 +263,21 @@ def trainer(run: Run, model, eval_set, eval_every):
         params, state = step(params, state, batches[t - 1])
         bar.update()
       if t % eval_every == 0 or t == len(batches):
-        for k, v in evaluate(params, state).items():
+        for k, v in evaluate(params, state, eval_set).items():
           curves.setdefault(k, []).append([t, float(v)])
     telemetry = run.telemetry(state) if run.telemetry else {}
-    return curves, {k: float(v) for k, v in telemetry.items()}
+    validated = evaluate(params, state, validation)
+    return (curves, {k: float(v) for k, v in telemetry.items()},
+            {k: float(v) for k, v in validated.items()})
   return train
 
 
-def aggregate(per_seed: list[dict], telemetry: dict) -> dict:
+def aggregate(per_seed: list[dict], telemetry: dict,
+              validated: list[dict]) -> dict:
   """Mean curve over seeds; final loss mean, std and per seed; steps to
   reach AdamW's final loss (per seed: that seed's AdamW); telemetry
-  (``telemetry[name]``: one ``{field: value}`` per seed) averaged."""
+  (``telemetry[name]``: one ``{field: value}`` per seed) averaged; the
+  final validation loss per seed (``validated[seed][name]``)."""
   targets = [seed['adamw'][-1][1] for seed in per_seed]
   methods = {}
   for name in per_seed[0]:
@@ -250,6 +290,7 @@ def aggregate(per_seed: list[dict], telemetry: dict) -> dict:
         final_eval_loss_std=float(finals.std()),
         final_eval_loss_per_seed=finals.tolist(),
         steps_to_target_per_seed=reached,
+        final_validation_loss_per_seed=[seed[name] for seed in validated],
         curve=[[int(s), float(v)] for s, v in c.mean(0)])
     if name in telemetry:
       methods[name]['telemetry_at_end'] = {
@@ -258,26 +299,58 @@ def aggregate(per_seed: list[dict], telemetry: dict) -> dict:
   return methods
 
 
-def study(config, params, model, eval_set, seed_batches, desc) -> dict:
+def choose_matched(methods: dict) -> dict:
+  """Adds ``pace/matched``: the swept pullback whose returned model has the
+  lowest mean validation loss over seeds (never the held-out loss)."""
+  prefix = MATCHED + '/pullback='
+  swept = {float(k[len(prefix):]): m for k, m in methods.items()
+           if k.startswith(prefix)}
+  if swept:
+    chosen = min(swept, key=lambda c: np.mean(
+        swept[c]['final_validation_loss_per_seed']))
+    methods[MATCHED] = dict(swept[chosen], chosen_pullback=chosen)
+  return methods
+
+
+def study(config, params, model, eval_set, validation, seed_batches,
+          desc) -> dict:
   """``{lr: {method: results}}`` over the configured learning rates."""
   base_lr = config['base_lr']
-  plan = {lr: runs(config, lr, base=lr == base_lr)
+  plan = {lr: runs(config, lr, base=lr == base_lr
+                  and config.get('extras', True))
           for lr in config['learning_rates']}
   total = sum(map(len, plan.values())) * config['seeds'] * config['steps']
   by_lr = {}
   with tqdm.tqdm(total=total, desc=desc) as bar:
     for lr, lr_runs in plan.items():
       per_seed, telemetry = [{} for _ in seed_batches], {}
+      validated = [{} for _ in seed_batches]
       for run in lr_runs:
-        train = trainer(run, model, eval_set, config['eval_every'])
+        train = trainer(run, model, eval_set, validation,
+                        config['eval_every'])
         for seed, batches in enumerate(seed_batches):
           bar.set_postfix(lr=lr, method=run.name, seed=seed, refresh=False)
-          curves, telemetry_at_end = train(params, batches, bar)
+          curves, telemetry_at_end, losses = train(params, batches, bar)
           per_seed[seed].update(curves)
+          validated[seed].update(losses)
           if run.telemetry:
             telemetry.setdefault(run.name, []).append(telemetry_at_end)
-      by_lr[lr] = aggregate(per_seed, telemetry)
+      by_lr[lr] = choose_matched(aggregate(per_seed, telemetry, validated))
   return by_lr
+
+
+def matched_profiles(steps: int) -> dict:
+  """How far pace/matched's EMA weights on the iterates are from the ema
+  baseline's after ``steps``: total variation, and each one's lag."""
+  def weights(lag):
+    return optax_bema.profile(_transforms.stabilizer(
+        'ema', update_freq=UPDATE_FREQ, **dict(STABILIZER, lag=lag)), steps)
+  baseline, matched = weights(STABILIZER['lag']), weights(1.0)
+  s = np.arange(steps + 1)
+  return dict(steps=steps,
+              total_variation=float(np.abs(baseline - matched).sum() / 2),
+              lag_ema=float(steps - s @ baseline),
+              lag_matched=float(steps - s @ matched))
 
 
 def main(argv=None):
@@ -289,8 +362,11 @@ def main(argv=None):
                       'pydoc_data.topics (its last 10%% is held out)')
   parser.add_argument('--seeds', type=int, help='seeds (override)')
   parser.add_argument('--steps', type=int, help='fine-tuning steps (override)')
-  parser.add_argument('--lr', type=float, help='one peak learning rate '
-                      'instead of the configuration\'s (override)')
+  parser.add_argument('--lr', type=float, nargs='+', help='peak learning '
+                      'rates instead of the configuration\'s (override)')
+  parser.add_argument('--pace-only', action='store_true', help='only the '
+                      'runs that PACE\'s claims need: no update_freq sweep, '
+                      'AdEMAMix, pace/wsd or headline pullback sweep')
   parser.add_argument('--cache', default=os.path.join(
       os.path.expanduser('~'), '.cache', 'optax_bema'),
                       help='where the pretrained checkpoint is cached')
@@ -303,7 +379,10 @@ def main(argv=None):
   config['seeds'] = args.seeds or config['seeds']
   config['steps'] = args.steps or config['steps']
   if args.lr:
-    config['learning_rates'] = (args.lr,)
+    config['learning_rates'] = tuple(args.lr)
+  if args.pace_only:
+    config.update(update_freqs=(), pullbacks=(), pace_schedules=('constant',),
+                  extras=False)
   rates = config['learning_rates']
   # The base rate carries the sweeps and AdEMAMix: the papers' 1e-3 when run.
   config['base_lr'] = LEARNING_RATE if LEARNING_RATE in rates else rates[0]
@@ -333,14 +412,17 @@ def main(argv=None):
             weight_decay=WEIGHT_DECAY, clip_norm=CLIP_NORM))
     return
 
-  # Fixed per seed, so every method sees the same batches in the same order.
+  # Fixed per seed, so every method sees the same batches in the same order,
+  # drawn from the training text without its validation windows.
+  train_bytes, validation = posthoc.validation_split(
+      train_bytes, config['eval_windows'], context)
   seed_batches = []
   for seed in range(config['seeds']):
     rng = np.random.default_rng(1000 + seed)
     seed_batches.append([
         _lm.sample_batch(rng, train_bytes, config['batch'], context)
         for _ in range(config['steps'])])
-  by_lr = study(config, params, model, eval_set, seed_batches,
+  by_lr = study(config, params, model, eval_set, validation, seed_batches,
                 f'fine-tuning on {corpus_name}')
 
   base_lr = config['base_lr']
@@ -351,7 +433,10 @@ def main(argv=None):
        for lr, ms in by_lr.items()},
       {lr: {k: m['steps_to_target_per_seed'] for k, m in ms.items()}
        for lr, ms in by_lr.items()}, base_lr, never)
-  claims = _claims.claims(evidence, BASELINES)
+  claims = _claims.claims(evidence, BASELINES, paces=(
+      (MATCHED, 'pace/matched: the ema baseline\'s average, pullback chosen '
+                'on validation at each rate'),
+      ('pace', 'headline pace: pullback 0.15, ema_power 0.2, every step')))
   wall = time.time() - started
   results = dict(
       methods=methods,
@@ -361,6 +446,8 @@ def main(argv=None):
                                        for k, m in ms.items()}
                            for lr, ms in by_lr.items()},
       claims=claims,
+      pace_matched=_finetune_report.matched_summary(by_lr, MATCHED),
+      matched_profiles=matched_profiles(config['steps']),
       config=dict(
           mode=mode, model=dataclasses.asdict(config['model']),
           pretrain=dict(config['pretrain'], corpus='stdlib source',
@@ -378,6 +465,11 @@ def main(argv=None):
           stabilizer=dict(STABILIZER, update_freq=UPDATE_FREQ),
           update_freq_sweep=list(config['update_freqs']), pace=PACE,
           pullback_sweep=list(config['pullbacks']),
+          pace_matched=dict(PACE_MATCHED,
+                            pullback_sweep=list(config['matched_pullbacks']),
+                            chosen_by='mean final validation loss over seeds, '
+                            f'{len(validation)} windows of the training text'),
+          pace_only=args.pace_only,
           ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine_line(),
           wall_seconds=round(wall, 1)))
   path = _common.write_results(args.out, results)
@@ -394,6 +486,8 @@ def main(argv=None):
     if 'telemetry_at_end' in m:
       print(f'{name} at the last step: ' + ', '.join(
           f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
+  print('\n' + _finetune_report.matched_table(results['pace_matched'],
+                                               results['matched_profiles']))
   print('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
         + _claims.table(claims))
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')

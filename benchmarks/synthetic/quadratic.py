@@ -33,6 +33,15 @@ and the PACE paper's Prop. 2):
   (x = theta - mu, e = EMA - mu, pullback toward the EMA of BEFORE the
   update): stationary E[e^2] = gamma0(c), for c = 0 and a small c > 0.
 
+And the PACE paper's claim that the pullback lowers the limiting error of
+the average by an arbitrarily large factor on some instances: along a
+family whose noise-to-curvature ratio sigma^2 / alpha grows without bound
+(alpha -> 0), the factor gamma0(0) / min over gains in [0, 1] of gamma0,
+in closed form and simulated, with the average fixed (beta constant) and
+with it lengthening as the curvature falls (beta = eta alpha). A diagonal
+instance's error is the sum of its coordinates', so its factor tends to
+that of its coordinate of largest ratio.
+
 Each oracle carries the standard error of its Monte-Carlo mean over seeds,
 so agreement is judged statistically.
 
@@ -95,6 +104,15 @@ def theory_hparams(eta, curvature):
 PACE_HPARAMS = dict(pullback=0.15, ema_power=0.5, weight_decay=0.0)
 # Stylised PACE: a = eta * alpha = 0.1, constant EMA weight and gains.
 STYLISED = dict(eta=0.1, alpha=1.0, beta=0.05, gains=(0.0, 0.05))
+# The family: curvature alpha from 1 to 1e-4 at sigma = 1, eta = 0.1; the
+# gain is PACE's, clipped at 1, and the best one is found on GAIN_GRID. With
+# the gain at 1 the iterate and its EMA relax together at rate about
+# a beta (a = eta alpha), so a member is simulated only where its run of
+# 10 * steps is at least RELAXATIONS / (a beta) steps: the first half,
+# discarded, then spans 5 such times.
+FAMILY = dict(alphas=tuple(float(a) for a in np.logspace(0, -4, 9)))
+GAIN_GRID = np.linspace(0.0, 1.0, 4001)
+RELAXATIONS = 10
 
 
 def simulate(eigs, eta, steps, seeds, key, curvature=None):
@@ -188,20 +206,32 @@ def mle_theory(eigs, steps):
   return float(SIGMA ** 2 * np.sum(eigs ** -2.0) / steps)
 
 
-def stylised_pace_theory(c):
-  """gamma0(c): the PACE paper's Prop. 2, stationary EMA error."""
-  eta, beta = STYLISED['eta'], STYLISED['beta']
-  a = eta * STYLISED['alpha']
-  return float(
-      beta * eta ** 2 * SIGMA ** 2 * (2 - a - beta + a * beta - c * (1 - beta))
-      / (a * (a + beta - a * beta + c * (1 - beta))
-         * (4 - 2 * a - 2 * beta + a * beta - 2 * c * (1 - beta))))
+def stylised_pace_theory(c, alpha=None, beta=None):
+  """gamma0(c): the PACE paper's Prop. 2, stationary EMA error (inf where
+  the recursion is unstable); ``c`` may be an array."""
+  eta = STYLISED['eta']
+  beta = STYLISED['beta'] if beta is None else beta
+  a = eta * (STYLISED['alpha'] if alpha is None else alpha)
+  u = np.asarray(c, np.float64) * (1 - beta)
+  second = 4 - 2 * a - 2 * beta + a * beta - 2 * u
+  gamma0 = (beta * eta ** 2 * SIGMA ** 2 * (2 - a - beta + a * beta - u)
+            / (a * (a + beta - a * beta + u) * second))
+  gamma0 = np.where((second > 0) & (gamma0 > 0), gamma0, np.inf)
+  return float(gamma0) if gamma0.ndim == 0 else gamma0
 
 
-def simulate_stylised_pace(c, steps, seeds, key):
+def family_factor(alpha, beta) -> tuple[float, float]:
+  """(best gain, gamma0(0) / gamma0(best gain)) over gains in [0, 1]."""
+  errors = stylised_pace_theory(GAIN_GRID, alpha, beta)
+  best = int(np.argmin(errors))
+  return float(GAIN_GRID[best]), float(errors[0] / errors[best])
+
+
+def simulate_stylised_pace(c, steps, seeds, key, alpha=None, beta=None):
   """Per-seed time average of e^2 over the second half of ``steps``."""
-  eta, beta = STYLISED['eta'], STYLISED['beta']
-  a = eta * STYLISED['alpha']
+  eta = STYLISED['eta']
+  beta = STYLISED['beta'] if beta is None else beta
+  a = eta * (STYLISED['alpha'] if alpha is None else alpha)
 
   def one_seed(key):
     def step(carry, noise):
@@ -213,6 +243,32 @@ def simulate_stylised_pace(c, steps, seeds, key):
     _, squares = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())), noise)
     return jnp.mean(squares[steps // 2:])
   return jax.jit(jax.vmap(one_seed))(jax.random.split(key, seeds))
+
+
+def pace_family(steps, seeds, key) -> list[dict]:
+  """The factor along the family, for a fixed and a lengthening average;
+  simulated (c = 0 against the best gain, the same noise) where ``steps``
+  reach the stationary state (see ``RELAXATIONS``)."""
+  out = []
+  for i, alpha in enumerate(FAMILY['alphas']):
+    for average, beta in (('fixed', STYLISED['beta']),
+                          ('lengthening', STYLISED['eta'] * alpha)):
+      gain, factor = family_factor(alpha, beta)
+      row = dict(average=average, alpha=alpha, beta=beta,
+                 noise_to_curvature=SIGMA ** 2 / alpha, best_gain=gain,
+                 factor=factor)
+      if steps * STYLISED['eta'] * alpha * beta >= RELAXATIONS:
+        k = jax.random.fold_in(key, i)
+        plain, pulled = (np.asarray(simulate_stylised_pace(
+            c, steps, seeds, k, alpha, beta), np.float64) for c in (0.0, gain))
+        ratio = plain.mean() / pulled.mean()
+        # Delta method for a ratio of means of paired samples.
+        rel = np.std(plain / plain.mean() - pulled / pulled.mean(),
+                     ddof=1) / np.sqrt(seeds)
+        row.update(simulated_factor=float(ratio),
+                   simulated_factor_stderr=float(ratio * rel))
+      out.append(row)
+  return out
 
 
 def oracle(name, samples, theory):
@@ -244,9 +300,36 @@ def fig2_ordering(curves) -> dict:
               at_end={k: float(v[-1][1]) for k, v in curves.items()})
 
 
-def plot(curves, steps, seeds, out_dir):
-  """The A = I run with the paper's defaults and theory-matched, and the
-  ill-conditioned run, each against Thm. 2's MLE floor."""
+def _family_panel(ax, family):
+  """The factor against the noise-to-curvature ratio: closed form (lines),
+  simulated (points, +- 2 standard errors)."""
+  for i, average in enumerate(('fixed', 'lengthening')):
+    rows = [r for r in family if r['average'] == average]
+    label = (f'fixed average, beta {rows[0]["beta"]:g}' if average == 'fixed'
+             else 'lengthening average, beta = eta alpha')
+    ax.plot([r['noise_to_curvature'] for r in rows],
+            [r['factor'] for r in rows], '-', color=f'C{i}', label=label)
+    simulated = [r for r in rows if 'simulated_factor' in r]
+    ax.errorbar([r['noise_to_curvature'] for r in simulated],
+                [r['simulated_factor'] for r in simulated],
+                yerr=[2 * r['simulated_factor_stderr'] for r in simulated],
+                fmt='o', color=f'C{i}', ms=4)
+  ax.axhline(1 / STYLISED['beta'], color='k', ls=':', lw=0.8,
+             label='1 / beta (fixed average\'s limit)')
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('noise-to-curvature ratio sigma^2 / alpha')
+  ax.set_ylabel('EMA error without pullback / with the best gain')
+  ax.set_title(f'stylised PACE along the family, eta {STYLISED["eta"]:g}\n'
+               '(lines: closed form; points: simulated)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def plot(curves, family, steps, seeds, out_dir):
+  """The A = I run with the paper's defaults and theory-matched, the
+  ill-conditioned run, each against Thm. 2's MLE floor, and the stylised
+  PACE family."""
   isotropic = curves['isotropic']
   theory = {k: v for k, v in isotropic.items()
             if k == 'vanilla' or k.endswith('/theory')}
@@ -258,7 +341,7 @@ def plot(curves, steps, seeds, out_dir):
        'alpha_t = 1/(eta t)', theory),
       ('ill_conditioned', 'ill-conditioned (kappa 100), defaults',
        curves['ill_conditioned'])]
-  fig, axes = plt.subplots(1, len(panels), figsize=(17, 4.5))
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(22, 4.5))
   for ax, (problem, title, shown) in zip(axes, panels):
     _common.plot_curves(ax, shown, title=f'{title}\nd={DIM}, {seeds} seeds',
                         ylabel='E||estimate - mu||^2', logy=True)
@@ -268,6 +351,7 @@ def plot(curves, steps, seeds, out_dir):
             label='MLE (theory)')
     ax.legend(fontsize=7)
     ax.set_xscale('log')
+  _family_panel(axes[-1], family)
   return _common.save_figure(fig, out_dir, 'quadratic.png')
 
 
@@ -300,9 +384,11 @@ def main():
     oracles.append(oracle(f'stylised_pace_ema/c={c}', samples,
                           stylised_pace_theory(c)))
 
+  family = pace_family(10 * steps, seeds, jax.random.fold_in(key, 200))
   fig2 = fig2_ordering(curves['isotropic'])
   results = dict(oracles=oracles, curves=curves['isotropic'],
                  curves_ill_conditioned=curves['ill_conditioned'], fig2=fig2,
+                 pace_family=family,
                  config=dict(dim=DIM, sigma=SIGMA, steps=steps, seeds=seeds,
                              start_offset=START_OFFSET,
                              problems={k: dict(eta=v['eta'],
@@ -313,10 +399,12 @@ def main():
                                  PROBLEMS['isotropic']['eta'],
                                  PROBLEMS['isotropic']['curvature']),
                              pace=PACE_HPARAMS, stylised_pace=STYLISED,
+                             pace_family=dict(FAMILY, gains='0 to 1, '
+                                              f'{GAIN_GRID.size} points'),
                              machine=_common.machine_line(),
                              wall_seconds=round(time.time() - started, 1)))
   path = _common.write_results(args.out, results)
-  plot(curves, steps, seeds, args.out)
+  plot(curves, family, steps, seeds, args.out)
 
   print(f'{"oracle":32s} {"measured":>11s} {"theory":>11s} {"z":>6s}')
   for o in oracles:
@@ -330,6 +418,15 @@ def main():
         f"{fig2['fraction_of_steps']:.0%} of the logged steps, at every one "
         f"from step {fig2['holds_from_step']}; MLE (theory) at the end "
         f"{fig2['mle_theory_at_end']:.4g}")
+  print('stylised PACE: EMA error without pullback / with the best gain '
+        '(simulated +- stderr), along sigma^2 / alpha')
+  for r in family:
+    simulated = (f'  simulated {r["simulated_factor"]:.4g} +- '
+                 f'{r["simulated_factor_stderr"]:.2g}'
+                 if 'simulated_factor' in r else '')
+    print(f'  {r["average"]:11s} beta {r["beta"]:<8.3g} ratio '
+          f'{r["noise_to_curvature"]:<8.3g} gain {r["best_gain"]:.4f} '
+          f'factor {r["factor"]:.4g}{simulated}')
   print(f'wrote {path} in {time.time() - started:.0f}s')
 
 
