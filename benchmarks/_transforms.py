@@ -14,9 +14,10 @@ from _catalog import NAMES  # noqa: E402
 from _catalog import OPTIMIZERS  # noqa: E402
 from _catalog import PACE_DEFAULTS  # noqa: E402
 from _catalog import STABILIZERS  # noqa: E402
+from _catalog import long_run_targets  # noqa: E402
 from _catalog import optimizer  # noqa: E402
 from _catalog import stabilizer  # noqa: E402
 from _catalog import training  # noqa: E402
 
 __all__ = ['COMBINED', 'NAMES', 'OPTIMIZERS', 'PACE_DEFAULTS', 'STABILIZERS',
-           'optimizer', 'stabilizer', 'training']
+           'long_run_targets', 'optimizer', 'stabilizer', 'training']

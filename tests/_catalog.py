@@ -59,3 +59,18 @@ def training(name: str, learning_rate=1e-3,
     return optimizer(name, learning_rate, **hyperparams)
   return optax.chain(optax.adamw(learning_rate),
                      transform(name, **hyperparams))
+
+
+def long_run_targets() -> dict:
+  """Averages never tracked by posthoc_ema's defaults that its snapshots
+  must synthesize within 2% on long runs: the post-hoc study's set."""
+  b = optax_bema
+  return {
+      'ema 0.4': b.ema(ema_power=0.4, update_freq=1),
+      'ema 0.7 lag 50': b.ema(ema_power=0.7, lag=50, update_freq=1),
+      'bema 0.5/0.3': b.bema(ema_power=0.5, bias_power=0.3, update_freq=1),
+      'dema 0.6': b.dema(ema_power=0.6, update_freq=1),
+      'ouema 0.5/0.2': b.ouema(ema_power=0.5, bias_power=0.2, update_freq=1),
+      'ema()': b.ema(), 'bema()': b.bema(),
+      'power 0.02': b.power_ema(0.02), 'power 0.05': b.power_ema(0.05),
+      'power 0.1': b.power_ema(0.1), 'power 0.2': b.power_ema(0.2)}

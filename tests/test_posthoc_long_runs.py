@@ -19,21 +19,10 @@ import pytest
 
 import optax_bema
 
+import _catalog
+
 STEPS = 20_000
 DIM = 12
-
-
-def issue_targets():
-  b = optax_bema
-  return {
-      'ema 0.4': b.ema(ema_power=0.4, update_freq=1),
-      'ema 0.7 lag 50': b.ema(ema_power=0.7, lag=50, update_freq=1),
-      'bema 0.5/0.3': b.bema(ema_power=0.5, bias_power=0.3, update_freq=1),
-      'dema 0.6': b.dema(ema_power=0.6, update_freq=1),
-      'ouema 0.5/0.2': b.ouema(ema_power=0.5, bias_power=0.2, update_freq=1),
-      'ema()': b.ema(), 'bema()': b.bema(),
-      'power 0.02': b.power_ema(0.02), 'power 0.05': b.power_ema(0.05),
-      'power 0.1': b.power_ema(0.1), 'power 0.2': b.power_ema(0.2)}
 
 
 @pytest.fixture(scope='module')
@@ -41,7 +30,7 @@ def run():
   """The saved (tracked models, params) at each snapshot step, theta_0,
   the online targets and theta_T."""
   steps = optax_bema.snapshot_steps(STEPS, 40)
-  targets = issue_targets()
+  targets = _catalog.long_run_targets()
   tx = optax.chain(optax.sgd(0.1), optax_bema.posthoc_ema(),
                    optax_bema.averages(**targets))
   names = [k for k in optax.tree.get(tx.init(jnp.zeros(1))[1], 'members')
@@ -88,7 +77,7 @@ def test_defaults_synthesize_the_issue_targets_within_2_percent(run):
     arrays.append(run['saved'][i, -1])
   basis, arrays = np.stack(rows), np.stack(arrays)
   norms = np.linalg.norm(basis, axis=1)
-  targets = issue_targets()
+  targets = _catalog.long_run_targets()
   wanted = np.stack([optax_bema.profile(t, STEPS) for t in targets.values()])
   x = np.linalg.lstsq((basis / norms[:, None]).T, wanted.T, rcond=1e-7)[0]
   models = (x / norms[:, None]).T @ arrays
