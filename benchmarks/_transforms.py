@@ -1,54 +1,22 @@
-"""Every public transform of optax_bema by name, for benchmarks and tests.
+"""Every public transform of optax_bema by name: the tests' catalog.
 
-One place builds them, so a benchmark, the contract tests and the
-performance pins all mean the same thing by ``'bema'`` or ``'pace'``.
+The benchmarks build their transforms from ``tests/_catalog.py``, so a
+benchmark, the contract tests and the performance pins all mean the same
+thing by ``'bema'`` or ``'pace'`` (the tests never import from here).
 """
 
-from __future__ import annotations
+import pathlib
+import sys
 
-import optax
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'tests'))
+from _catalog import COMBINED  # noqa: E402
+from _catalog import NAMES  # noqa: E402
+from _catalog import OPTIMIZERS  # noqa: E402
+from _catalog import PACE_DEFAULTS  # noqa: E402
+from _catalog import STABILIZERS  # noqa: E402
+from _catalog import optimizer  # noqa: E402
+from _catalog import stabilizer  # noqa: E402
+from _catalog import training  # noqa: E402
 
-import optax_bema
-
-STABILIZERS = ('ema', 'bema', 'dema', 'ouema')
-OPTIMIZERS = ('pace', 'adaptive_ademamix')
-NAMES = STABILIZERS + OPTIMIZERS
-# Several averages in one transform, last in the chain like a stabilizer.
-COMBINED = ('posthoc_ema',)
-# The bias weight means nothing to EMA and DEMA; passing it would be an error.
-_TAKES_BIAS_POWER = ('bema', 'ouema')
-# PACE has no default pullback or EMA power: the paper's headline setting.
-PACE_DEFAULTS = dict(pullback=0.15, ema_power=0.2)
-
-
-def stabilizer(name: str, **hyperparams) -> optax.GradientTransformation:
-  """The named stabilizer; the bias weight's settings are dropped where they
-  mean nothing."""
-  if name not in STABILIZERS:
-    raise ValueError(f'no stabilizer named {name!r}; one of {STABILIZERS}')
-  if name not in _TAKES_BIAS_POWER:
-    hyperparams.pop('bias_power', None)
-    hyperparams.pop('bias_multiplier', None)
-  return getattr(optax_bema, name)(**hyperparams)
-
-
-def optimizer(name: str, learning_rate=1e-3,
-              **hyperparams) -> optax.GradientTransformation:
-  """The named optimizer: ``pace`` or ``adaptive_ademamix``."""
-  if name == 'pace':
-    return optax_bema.pace(learning_rate, **{**PACE_DEFAULTS, **hyperparams})
-  if name == 'adaptive_ademamix':
-    return optax_bema.adaptive_ademamix(learning_rate, **hyperparams)
-  raise ValueError(f'no optimizer named {name!r}; one of {OPTIMIZERS}')
-
-
-def training(name: str, learning_rate=1e-3,
-             **hyperparams) -> optax.GradientTransformation:
-  """What a user trains with: a stabilizer goes last after ``optax.adamw``."""
-  if name in STABILIZERS:
-    return optax.chain(optax.adamw(learning_rate),
-                       stabilizer(name, **hyperparams))
-  if name in COMBINED:
-    return optax.chain(optax.adamw(learning_rate),
-                       getattr(optax_bema, name)(**hyperparams))
-  return optimizer(name, learning_rate, **hyperparams)
+__all__ = ['COMBINED', 'NAMES', 'OPTIMIZERS', 'PACE_DEFAULTS', 'STABILIZERS',
+           'optimizer', 'stabilizer', 'training']

@@ -4,7 +4,9 @@ Build it (warnings are errors) with the ``docs`` extra installed:
 
     sphinx-build -W --keep-going -b html docs docs/_build/html
 
-Nothing is fetched at build time: no intersphinx, no notebook execution.
+Nothing is fetched at build time: no intersphinx, no notebook execution;
+and nothing when the pages are read: MathJax is copied into the build
+(sphinx-mathjax-offline), so the formulas render offline.
 """
 
 import pathlib
@@ -26,6 +28,7 @@ extensions = [
     'sphinx.ext.autodoc',
     'sphinx.ext.autosummary',
     'sphinx.ext.mathjax',
+    'sphinx-mathjax-offline',  # MathJax from the build, not from a CDN
     'sphinx.ext.napoleon',
     'myst_nb',  # MyST Markdown pages and the notebook, rendered unexecuted
 ]

@@ -88,7 +88,10 @@ def _decays(keep: np.ndarray):
   zeros = np.concatenate([[0], np.cumsum(zero)])
 
   def decay(a, b):
-    return np.where(zeros[b] == zeros[a], np.exp(logs[b] - logs[a]), 0.0)
+    # A product of factors <= 1 for a <= b; pairs a > b (asked for in bulk,
+    # then discarded) must not overflow.
+    return np.where(zeros[b] == zeros[a],
+                    np.exp(np.minimum(logs[b] - logs[a], 0.0)), 0.0)
   return decay
 
 
@@ -222,7 +225,8 @@ def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
   many stored arrays, multiplies their rounding error by the coefficients'
   size. The ridge damps only the directions whose singular values fall
   below it, which the arrays' rounding hides anyway, so it should be about
-  their relative precision: 1e-6 suits float32, about 1e-3 bfloat16.
+  their relative precision: 1e-4 suits float32 averages accumulated over
+  long runs, about 1e-3 bfloat16 snapshots.
   """
   norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
   norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way

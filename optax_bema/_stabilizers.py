@@ -5,6 +5,12 @@ the named field updates of an update step and its profile. Its factory's
 arguments make its :class:`~optax_bema._schedule.Schedule`; the weights, the
 update steps, the burn-in, the non-finite guard and where the state lives
 are the engine's.
+
+Adding a kind: its state class, its ``Rule`` (field updates and a profile
+function in ``_profiles``, in segment form), an entry in ``RULES`` and its
+factory. A new family of weights is one branch of ``Schedule.beta``. The
+power-function EMA took EMA's rule under its own name, the ``std`` setting
+and its branch in ``Schedule``, and its factory.
 """
 
 from __future__ import annotations
@@ -133,6 +139,11 @@ def _bema_rule(reads_params: bool) -> _engine.Rule:
       averages=('initial_params', 'ema') + (
           () if reads_params else ('last_iterate',)),
       profile=_profiles.bema, scalars=(('bias_weight', 0.0),))
+
+
+# Every kind, by name: what a saved state of optax_bema.averages may name.
+RULES = {r.name: r for r in (EMA, POWER_EMA, DEMA, OUEMA, INITIAL,
+                             _bema_rule(reads_params=False))}
 
 
 def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,

@@ -13,24 +13,22 @@ compare, and written to OUT (.npz). NUM_PROCESSES=1 is the one-process run
 on a single device, without ``jax.distributed``.
 """
 
-import os
 import pathlib
 import sys
 
-LOCAL_DEVICES = 2
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           f' --xla_force_host_platform_device_count='
-                           f'{LOCAL_DEVICES}')
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
-import jax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
+import optax_bema
 
-import optax_bema  # noqa: E402
+# The shared harness; importing it sets the devices per process (read when
+# jax first starts its backend, after these imports).
+import _multihost_worker
 
 STEPS = 12
 SYNTHESIS_STEPS = (0, 4, 8, 10, 11, 12)
@@ -100,12 +98,7 @@ def main(out, ckpt, process_id, num_processes, port):
                      for name, model in {**models, 'params': params}.items()
                      for k, v in model.items()})
     return
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                             num_processes=num_processes,
-                             process_id=process_id,
-                             initialization_timeout=60)
-  try:
-    mesh = jax.make_mesh((num_processes, LOCAL_DEVICES), ('data', 'model'))
+  with _multihost_worker.joined(process_id, num_processes, port) as mesh:
     specs = {'w': P('data', 'model'), 'b': P('model')}
 
     def put(tree):
@@ -120,9 +113,6 @@ def main(out, ckpt, process_id, num_processes, port):
     np.savez(out, **{f'{name}/{k}': np.asarray(v)
                      for name, model in gathered.items()
                      for k, v in model.items()})
-    multihost_utils.sync_global_devices('done')
-  finally:
-    jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

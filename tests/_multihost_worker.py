@@ -8,6 +8,7 @@ model, gathered to every process, to OUT as .npz. NUM_PROCESSES=1 is the
 one-process run on a single device, without ``jax.distributed``.
 """
 
+import contextlib
 import os
 import sys
 
@@ -17,8 +18,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f'{LOCAL_DEVICES}')
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
@@ -66,6 +67,24 @@ def train(tx, params, batches, put_batch):
   return params, optax_bema.averaged_params(state, params)
 
 
+@contextlib.contextmanager
+def joined(process_id, num_processes, port):
+  """This process in ``jax.distributed`` on loopback, for the block; yields
+  the mesh of every process's devices: 'data' over the processes, 'model'
+  over each one's own devices."""
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
+                             num_processes=num_processes,
+                             process_id=process_id,
+                             initialization_timeout=60)
+  try:
+    assert jax.process_count() == num_processes
+    assert jax.local_device_count() == LOCAL_DEVICES
+    yield jax.make_mesh((num_processes, LOCAL_DEVICES), ('data', 'model'))
+    multihost_utils.sync_global_devices('done')
+  finally:
+    jax.distributed.shutdown()
+
+
 def main(out, process_id, num_processes, port):
   host_params, batches = host_data()
   results = {}
@@ -81,16 +100,9 @@ def main(out, process_id, num_processes, port):
     np.savez(out, **results)
     return
 
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}',
-                             num_processes=num_processes,
-                             process_id=process_id,
-                             initialization_timeout=60)
-  try:
-    assert jax.process_count() == num_processes
-    assert jax.local_device_count() == LOCAL_DEVICES
+  with joined(process_id, num_processes, port) as mesh:
     # data parallel across the processes, the output units across each
     # process's own devices
-    mesh = jax.make_mesh((num_processes, LOCAL_DEVICES), ('data', 'model'))
     specs = {'w': P(None, 'model'), 'b': P('model')}
 
     def global_array(value, spec):
@@ -111,9 +123,6 @@ def main(out, process_id, num_processes, port):
         results.update({f'{name}/{part}/{k}': np.asarray(v)
                         for k, v in tree.items()})
     np.savez(out, **results)
-    multihost_utils.sync_global_devices('done')
-  finally:
-    jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -24,6 +24,7 @@ sys.path[:0] = [str(BENCHMARKS / group)
 import _claims
 import _schedules
 import quadratic
+
 # pylint: enable=g-import-not-at-top,wrong-import-position,g-bad-import-order
 
 
@@ -99,8 +100,9 @@ def test_theory_matched_bema_is_the_mle_over_the_whole_run(
 
 @pytest.mark.parametrize('c', [0.0, 0.02, 0.05, 0.2])
 def test_stylised_pace_formula_is_the_recursions_stationary_variance(c):
-  """SPEC 3's closed form against the stationary covariance of the linear
-  recursion itself, Sigma = M Sigma M^T + b b^T, solved by vectorisation."""
+  """The stylised PACE closed form (Au and Block 2026, Prop. 2) against the
+  stationary covariance of the linear recursion itself, Sigma = M Sigma M^T
+  + b b^T, solved by vectorisation."""
   eta, beta = quadratic.STYLISED['eta'], quadratic.STYLISED['beta']
   a = eta * quadratic.STYLISED['alpha']
   # state (x, e): x' = (1 - a - c) x + c e - eta xi, e' = (1-beta) e + beta x'

@@ -8,13 +8,13 @@ files per transform test the math; this one tests what every transform owes
 optax's machinery: extra arguments, one compilation, ``inject_hyperparams``,
 ``MultiSteps``, donation, dtypes, ``eval_shape``, clear errors for missing
 params and bad hyperparameters, and a model that stays finite when one step
-is not.
+is not. The transforms that hold several averages (``averages``,
+``posthoc_ema``) go last in the chain like a stabilizer, and every one of
+their models is checked.
 """
 
 import functools
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,8 @@ import pytest
 
 import optax_bema
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / 'benchmarks'))
-import _transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _catalog
+import _oracle
 
 LR = 1e-2
 # Every transform, as (public name, hyperparameters), none at its default so
@@ -49,24 +49,40 @@ CASES = {
                           update_freq=2)),
     'adaptive_ademamix': ('adaptive_ademamix', dict(
         alpha=5.0, weight_decay=0.1, variance_decay=0.9)),
+    # One member updating every step (they share one non-finite test), one
+    # after a burn-in, every other step.
+    'averages': ('averages', dict(
+        ema=optax_bema.ema(update_freq=1, lag=3.0, ema_power=0.6),
+        bema=optax_bema.bema(update_freq=2, update_after=1, lag=3.0,
+                             ema_power=0.6, bias_power=0.3))),
+    'posthoc_ema': ('posthoc_ema', dict(ema_powers=(0.4, 0.8), lag=3.0,
+                                        multiplier=0.5, update_after=1)),
 }
-assert {name for name, _ in CASES.values()} == set(_transforms.NAMES)
+assert {name for name, _ in CASES.values()} == set(_catalog.NAMES)
 # Those with a model to read out: all but adaptive AdEMAMix.
 AVERAGING = [c for c, (name, _) in CASES.items() if name != 'adaptive_ademamix']
+COMBINED = [c for c, (name, _) in CASES.items() if name in _catalog.COMBINED]
 
 
 def bare(case):
-  """The transform itself: a stabilizer alone, or an optimizer."""
+  """The transform itself: an average alone, or an optimizer."""
   name, hp = CASES[case]
-  if name in _transforms.STABILIZERS:
-    return _transforms.stabilizer(name, **hp)
-  return _transforms.optimizer(name, LR, **hp)
+  return _catalog.transform(name, LR, **hp)
 
 
 def training(case):
-  """What a user trains with: a stabilizer goes last after AdamW."""
+  """What a user trains with: an average goes last after AdamW."""
   name, hp = CASES[case]
-  return _transforms.training(name, LR, **hp)
+  return _catalog.training(name, LR, **hp)
+
+
+def models(case, state, params):
+  """Every model the transform returns: by member name for several
+  averages, else under the key None."""
+  if case in COMBINED:
+    return {k: optax_bema.averaged_params(state, params, name=k)
+            for k in optax.tree.get(state, 'members')}
+  return {None: optax_bema.averaged_params(state, params)}
 
 
 def make_params(dtype=jnp.float32):
@@ -153,11 +169,25 @@ def test_extra_args_are_ignored_and_nothing_recompiles(case):
                (want, want_state))
 
 
+# Where inject_hyperparams cannot wrap a transform, and why.
+NOT_INJECTABLE = {
+    'averages': 'optax.inject_hyperparams passes the members, given as '
+                '**members, as one argument named "members"; and a member '
+                'is a transform, not a number, so there is nothing to inject',
+}
+
+
 def injected(case):
   """The transform of ``case`` built by ``optax.inject_hyperparams``."""
   name, hp = CASES[case]
   factory = getattr(optax_bema, name)
-  if name in _transforms.STABILIZERS:
+  if name == 'posthoc_ema':
+    # Its settings are recorded as numbers in the state, for synthesize: an
+    # injected (traced) one is refused, see
+    # test_posthoc_ema_refuses_injected_settings. Static, they wrap.
+    return optax.chain(optax.adamw(LR), optax.inject_hyperparams(
+        factory, static_args=('lag', 'multiplier', 'update_after'))(**hp))
+  if name in _catalog.STABILIZERS:
     # update_freq=1 stays static, or the every-step path would never be
     # taken; an injected update_freq is traced and the update gated.
     static = ('update_freq',) if hp['update_freq'] == 1 else ()
@@ -172,6 +202,8 @@ def injected(case):
 
 @pytest.mark.parametrize('case', CASES)
 def test_inject_hyperparams_gives_identical_results(case):
+  if case in NOT_INJECTABLE:
+    pytest.skip(NOT_INJECTABLE[case])
   tx, step = plain_run(case)
   params = make_params()
   p1, s1 = params, tx.init(params)
@@ -182,10 +214,9 @@ def test_inject_hyperparams_gives_identical_results(case):
     p2, s2 = step2(p2, s2, ONES)
   assert_trees_equal(p2, p1)
   if case in AVERAGING:
-    assert_trees_equal(optax_bema.averaged_params(s2, p2),
-                       optax_bema.averaged_params(s1, p1))
+    assert_trees_equal(models(case, s2, p2), models(case, s1, p1))
   name, hp = CASES[case]
-  if name in _transforms.STABILIZERS:  # injected inside the chain
+  if name not in _catalog.OPTIMIZERS:  # injected inside the chain
     assert_trees_equal(s2[0], s1[0])
     s2, s1 = s2[1], s1[1]
   else:
@@ -194,6 +225,13 @@ def test_inject_hyperparams_gives_identical_results(case):
   for arg, value in hp.items():
     if arg in s2.hyperparams:
       assert float(s2.hyperparams[arg]) == pytest.approx(value), arg
+
+
+def test_posthoc_ema_refuses_injected_settings():
+  _, hp = CASES['posthoc_ema']
+  tx = optax.inject_hyperparams(optax_bema.posthoc_ema)(**hp)
+  with pytest.raises(TypeError, match='array-valued settings'):
+    tx.init(make_params())
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -213,9 +251,9 @@ def test_multi_steps_applies_the_mean_gradient(case):
     want, want_state = plain(want, want_state, (s1 + s2) / 2)
   assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
   if case in AVERAGING:
-    model = optax_bema.averaged_params(state, got)
+    model = models(case, state, got)
     assert all_finite(model)
-    assert_trees_close(model, optax_bema.averaged_params(want_state, want),
+    assert_trees_close(model, models(case, want_state, want),
                        rtol=1e-6, atol=1e-7)
 
 
@@ -233,7 +271,7 @@ def test_params_and_state_can_be_donated(case):
     params, state = step(params, state, ONES)
   assert all_finite(params)
   if case in AVERAGING:
-    assert all_finite(optax_bema.averaged_params(state, params))
+    assert all_finite(models(case, state, params))
 
 
 # --- dtypes and shapes --------------------------------------------------------
@@ -258,8 +296,8 @@ def test_low_precision_params_keep_their_dtype(case, dtype):
   assert dtypes(updates) == dtypes(params)
   assert shapes_and_dtypes(new_state) == shapes_and_dtypes(state)
   if case in AVERAGING:
-    model = jax.eval_shape(optax_bema.averaged_params, new_state, params)
-    assert dtypes(model) == dtypes(params)
+    model = jax.eval_shape(functools.partial(models, case), new_state, params)
+    assert all(dtypes(m) == dtypes(params) for m in model.values())
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   jax.eval_shape(multi.update, grads, multi.init(params), params)
 
@@ -312,8 +350,12 @@ HYPERPARAMETERS = {
              'ema_power', 'delay', 'multiplier', 'update_freq'),
     'adaptive_ademamix': ('learning_rate', 'b1', 'b2', 'b3', 'alpha', 'eps',
                           'weight_decay', 'variance_decay', 'clip_norm'),
+    # Shared by every EMA it tracks; ema_powers is a tuple, below.
+    'posthoc_ema': ('lag', 'multiplier', 'update_after'),
+    # Its members are transforms, each checked by its own factory.
+    'averages': (),
 }
-assert set(HYPERPARAMETERS) == set(_transforms.NAMES)
+assert set(HYPERPARAMETERS) == set(_catalog.NAMES)
 
 
 def _bad_values(name, arg):
@@ -326,16 +368,25 @@ def _bad_values(name, arg):
 BAD = [
     *[(name, {arg: value}, arg) for name, args in HYPERPARAMETERS.items()
       for arg in args for value in _bad_values(name, arg)],
-    *[(name, bad, match) for name in _transforms.STABILIZERS
+    *[(name, bad, match)
+      for name in _catalog.STABILIZERS + ('posthoc_ema',)
       for bad, match in [
-          (dict(update_freq=0), 'update_freq'),
-          (dict(update_freq=2.5), 'update_freq'),
           (dict(update_after=1.5), 'update_after'),
-          (dict(min_ema_multiplier=1.5), 'min_ema_multiplier'),
           (dict(lag=0.0, multiplier=0.0), 'lag|multiplier'),
           # weight 2 at step 1: the average would extrapolate
           (dict(lag=0.0, multiplier=0.25), 'lag'),
       ]],
+    *[(name, bad, match) for name in _catalog.STABILIZERS
+      for bad, match in [
+          (dict(update_freq=0), 'update_freq'),
+          (dict(update_freq=2.5), 'update_freq'),
+          (dict(min_ema_multiplier=1.5), 'min_ema_multiplier'),
+      ]],
+    *[('posthoc_ema', dict(ema_powers=(0.5, value)), 'ema_power')
+      for value in (-1.0, math.nan, math.inf)],
+    ('posthoc_ema', dict(ema_powers=()), 'ema_powers'),
+    ('posthoc_ema', dict(ema_powers=(0.5, 0.5)), 'distinct'),
+    ('averages', {}, 'at least one'),
     ('ouema', dict(bias_power=0.0), 'bias_power'),  # p_t = 1 for every t
     ('ouema', dict(multiplier=0.0), 'multiplier'),
     ('pace', dict(b1=1.0), 'b1'),
@@ -357,10 +408,15 @@ def _bad_id(name, bad, match):
                          ids=[_bad_id(*b) for b in BAD])
 def test_bad_hyperparameters_raise_at_construction(name, bad, match):
   with pytest.raises(ValueError, match=match):
-    if name in _transforms.STABILIZERS:
-      _transforms.stabilizer(name, **bad)
-    else:
-      _transforms.optimizer(name, **bad)
+    _catalog.transform(name, **bad)
+
+
+@pytest.mark.parametrize('member', [
+    optax.sgd(0.1), optax.inject_hyperparams(optax_bema.ema)(update_freq=2),
+    optax_bema.pace(LR, pullback=0.15, ema_power=0.2)])
+def test_averages_members_must_be_stabilizers(member):
+  with pytest.raises(TypeError, match='stabilizer'):
+    optax_bema.averages(ema=optax_bema.ema(), other=member)
 
 
 # --- one non-finite step ----------------------------------------------------
@@ -384,24 +440,6 @@ def train_with_one_bad_step(tx):
   return history
 
 
-def reference_ema(theta0, iterates, *, update_freq, update_after):
-  """The EMA of the BEMA paper's Algorithm 1, default weights, in float64.
-
-  ``iterates[k]`` is theta after step k + 1 (a dict of arrays); the weight at
-  step t is (10 + t) ** -0.5, and until step ``update_after`` the EMA is
-  reset to theta.
-  """
-  ema = {k: np.asarray(v, np.float64) for k, v in theta0.items()}
-  for t, theta in enumerate(iterates, 1):
-    theta = {k: np.asarray(v, np.float64) for k, v in theta.items()}
-    if t <= update_after:
-      ema = theta
-    elif (t - update_after) % update_freq == 0:
-      beta = (10.0 + t) ** -0.5
-      ema = {k: (1 - beta) * ema[k] + beta * theta[k] for k in ema}
-  return ema
-
-
 SETTINGS = [dict(update_freq=1, update_after=0),
             dict(update_freq=3, update_after=0),
             # the bad step falls in the burn-in: its reset is skipped too
@@ -410,15 +448,16 @@ SETTINGS = [dict(update_freq=1, update_after=0),
 
 @pytest.mark.parametrize('hp', SETTINGS, ids=lambda hp: '-'.join(
     f'{k}={v}' for k, v in hp.items()))
-@pytest.mark.parametrize('name', _transforms.STABILIZERS)
+@pytest.mark.parametrize('name', _catalog.STABILIZERS)
 def test_stabilizer_model_stays_at_its_last_finite_value(name, hp):
-  history = train_with_one_bad_step(_transforms.training(name, LR, **hp))
+  history = train_with_one_bad_step(_catalog.training(name, LR, **hp))
   assert np.isnan(history[-1][0]['w'][1, 2]), 'training should have broken'
-  models = [optax_bema.averaged_params(s, p) for p, s in history]
-  before = models[BAD_STEP - 2]
+  returned = [optax_bema.averaged_params(s, p) for p, s in history]
+  before = returned[BAD_STEP - 2]
   assert all_finite(before)
   finite_iterates = [p for p, _ in history[:BAD_STEP - 1]]
-  for model, (_, state) in zip(models[BAD_STEP - 1:], history[BAD_STEP - 1:]):
+  for model, (_, state) in zip(returned[BAD_STEP - 1:],
+                               history[BAD_STEP - 1:]):
     assert all_finite(model)
     if name == 'bema' and hp['update_freq'] == 1:
       # Its readout alpha_t (params - theta_0) + EMA reads the current
@@ -426,8 +465,8 @@ def test_stabilizer_model_stays_at_its_last_finite_value(name, hp):
       jax.tree.map(np.testing.assert_array_equal, model,
                    jax.tree.map(lambda e, p: e.astype(p.dtype),
                                 state[-1].ema, make_params()))
-      assert_trees_close(model, reference_ema(make_params(), finite_iterates,
-                                              **hp), rtol=1e-5, atol=1e-6)
+      assert_trees_close(model, _oracle.model_tree(
+          'ema', make_params(), finite_iterates, **hp), rtol=1e-5, atol=1e-6)
     else:
       jax.tree.map(np.testing.assert_array_equal, model, before)
   skipped = [t for t in range(BAD_STEP, STEPS + 1) if t <= hp['update_after']
@@ -435,14 +474,30 @@ def test_stabilizer_model_stays_at_its_last_finite_value(name, hp):
   assert int(history[-1][1][-1].nonfinite_count) == len(skipped)
 
 
+@pytest.mark.parametrize('case', COMBINED)
+def test_combined_models_stay_at_their_last_finite_values(case):
+  """Every member keeps its last finite model and counts what it skipped."""
+  history = train_with_one_bad_step(training(case))
+  assert np.isnan(history[-1][0]['w'][1, 2]), 'training should have broken'
+  returned = [models(case, s, p) for p, s in history]
+  before = returned[BAD_STEP - 2]
+  assert all_finite(before)
+  for model in returned[BAD_STEP - 1:]:
+    jax.tree.map(np.testing.assert_array_equal, model, before)
+  # posthoc_ema's holder of theta_0 reads no iterate after the burn-in.
+  members = history[-1][1][-1].members
+  assert all(int(m.nonfinite_count) > 0 for k, m in members.items()
+             if k != 'initial')
+
+
 def test_pace_ema_skips_non_finite_iterates():
   history = train_with_one_bad_step(
       optax_bema.pace(LR, pullback=0.15, ema_power=0.2))
   assert np.isnan(history[-1][0]['w'][1, 2]), 'training should have broken'
-  models = [optax_bema.averaged_params(s, p) for p, s in history]
-  before = models[BAD_STEP - 2]
+  returned = [optax_bema.averaged_params(s, p) for p, s in history]
+  before = returned[BAD_STEP - 2]
   assert all_finite(before)
-  for model in models[BAD_STEP - 1:]:
+  for model in returned[BAD_STEP - 1:]:
     jax.tree.map(np.testing.assert_array_equal, model, before)
   # every EMA update from the bad step on
   assert int(history[-1][1].nonfinite_count) == STEPS - BAD_STEP + 1
@@ -462,9 +517,9 @@ def test_apply_if_finite_skips_the_bad_step(case):
     want, want_state = step(want, want_state, ONES)
   assert_trees_close(params, want, rtol=1e-5, atol=1e-6)
   if case in AVERAGING:
-    model = optax_bema.averaged_params(state, params)
+    model = models(case, state, params)
     assert all_finite(model)
-    assert_trees_close(model, optax_bema.averaged_params(want_state, want),
+    assert_trees_close(model, models(case, want_state, want),
                        rtol=1e-5, atol=1e-6)
   if case == 'pace':
     telemetry = optax_bema.pace_telemetry(state)

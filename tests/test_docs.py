@@ -1,5 +1,10 @@
 """The examples users copy run: docstrings, README's and the docs pages'.
 
+Every module of the package is searched for docstring examples, private ones
+included, and every ``>>>`` line in its source must be one doctest ran: an
+example doctest cannot find (in a nested function, say) fails instead of
+being skipped.
+
 In the docs pages (MyST Markdown), every fenced ```python block runs as
 written, each on its own; fragments that need a mesh, several hosts, a
 checkpoint directory or a model are written as ```{code-block} python and
@@ -7,17 +12,15 @@ are only shown. The API pages list every public name.
 """
 
 import doctest
+import importlib
+import inspect
 import pathlib
+import pkgutil
 import re
 
 import pytest
 
 import optax_bema
-from optax_bema import _adaptive_ademamix
-from optax_bema import _pace
-from optax_bema import _posthoc
-from optax_bema import _readout
-from optax_bema import _stabilizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
@@ -36,12 +39,28 @@ def _run(code, name):
   exec(compile(code, name, 'exec'), {})  # pylint: disable=exec-used
 
 
-@pytest.mark.parametrize('module', [_readout, _stabilizers, _pace,
-                                    _adaptive_ademamix, _posthoc])
-def test_docstring_examples(module):
+MODULES = ['optax_bema'] + [
+    m.name for m in pkgutil.walk_packages(optax_bema.__path__, 'optax_bema.')]
+EXAMPLE_LINE = re.compile(r'^\s*>>> ', re.M)
+
+
+@pytest.mark.parametrize('name', MODULES)
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
   result = doctest.testmod(module)
-  assert result.attempted > 0
   assert result.failed == 0
+  written = len(EXAMPLE_LINE.findall(inspect.getsource(module)))
+  assert result.attempted == written, (
+      f'{name}: {written} example lines, doctest ran {result.attempted}')
+
+
+def test_modules_with_examples_are_found():
+  with_examples = {
+      name for name in MODULES if EXAMPLE_LINE.search(
+          inspect.getsource(importlib.import_module(name)))}
+  assert {'optax_bema._profiles', 'optax_bema._posthoc',
+          'optax_bema._stabilizers', 'optax_bema._pace',
+          'optax_bema._readout'} <= with_examples
 
 
 @pytest.mark.parametrize('page', PAGES_WITH_EXAMPLES)

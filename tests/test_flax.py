@@ -1,11 +1,13 @@
-"""The Flax examples of the docs (scaling out), run: Linen's TrainState and nnx.Optimizer.
+"""The Flax examples of the docs (scaling out), run: Linen's TrainState and
+nnx.Optimizer.
 
-The averaged model each one evaluates is checked against the paper's
-formulas applied, in numpy, to the weights the training loop produced.
+The averaged model each one evaluates is checked against the float64
+reference loop of the BEMA paper's formulas (``_oracle``), applied to the
+weights the training loop produced.
 """
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ import numpy as np
 import optax
 
 import optax_bema
+
+import _oracle
 
 STEPS = 8
 LAG, EMA_POWER, BIAS_POWER = 10.0, 0.5, 0.2
@@ -28,20 +32,12 @@ def batches(seed=0):
 
 
 def reference(trajectory, bias_power=None):
-  """SPEC §2 with update_freq=1: EMA, or BEMA when ``bias_power`` is given."""
-  theta0 = jax.tree.map(lambda a: np.asarray(a, np.float64), trajectory[0])
-  average, model = theta0, theta0
-  for t, theta in enumerate(trajectory[1:], start=1):
-    theta = jax.tree.map(lambda a: np.asarray(a, np.float64), theta)
-    beta = (LAG + t) ** -EMA_POWER
-    average = jax.tree.map(lambda e, x, b=beta: (1 - b) * e + b * x,
-                           average, theta)
-    model = average
-    if bias_power is not None:
-      alpha = (LAG + t) ** -bias_power
-      model = jax.tree.map(lambda x, x0, e, a=alpha: a * (x - x0) + e,
-                           theta, theta0, average)
-  return model
+  """Updated every step: EMA, or BEMA when ``bias_power`` is given."""
+  kind, extra = ('ema', {}) if bias_power is None else (
+      'bema', dict(bias_power=bias_power))
+  return _oracle.model_tree(kind, trajectory[0], trajectory[1:],
+                            update_freq=1, lag=LAG, ema_power=EMA_POWER,
+                            **extra)
 
 
 def assert_tree_close(actual, expected):

@@ -5,53 +5,24 @@ Both must end with the same averaged model, equal (to float32 rounding: the
 data-parallel gradient sums in another order) to a one-process run.
 """
 
-import os
 import pathlib
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+
+import _workers
 
 WORKER = pathlib.Path(__file__).with_name('_multihost_worker.py')
 TIMEOUT_S = 180
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def start(out, process_id, num_processes, port):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu',
-             PYTHONPATH=str(WORKER.parents[1]))
-  return subprocess.Popen(
-      [sys.executable, str(WORKER), str(out), str(process_id),
-       str(num_processes), str(port)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('multihost')
-  port = free_port()
+  port = _workers.free_port()
   outs = [tmp / 'process0.npz', tmp / 'process1.npz', tmp / 'one.npz']
-  procs = [start(outs[0], 0, 2, port), start(outs[1], 1, 2, port),
-           start(outs[2], 0, 1, 0)]
-  deadline = time.monotonic() + TIMEOUT_S
-  try:
-    logs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
-            for p in procs]
-    for p, log in zip(procs, logs):
-      assert p.returncode == 0, log[-4000:]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  _workers.run(WORKER, [[outs[0], 0, 2, port], [outs[1], 1, 2, port],
+                        [outs[2], 0, 1, 0]], TIMEOUT_S)
   return [dict(np.load(out)) for out in outs]
 
 

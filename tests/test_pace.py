@@ -1,4 +1,12 @@
-"""PACE against a float64 numpy loop written from SPEC 3, and against AdamW."""
+"""PACE against a float64 numpy loop, and against AdamW.
+
+The loop is the update of Au and Block (2026), "Training for the Model You
+Return", line by line: AdamW with decoupled weight decay, then the live
+weights pulled toward their EMA by lam = min(lr_t pullback decay_t / D, 1)
+per coordinate (D Adam's denominator, the EMA from before this step's
+update), decay_t = max((1 + multiplier max(0, t - delay))^-ema_power, 1e-4),
+and the EMA updated every ``update_freq`` steps with weight decay_t.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +24,8 @@ def reference_pace(theta0, grad_fn, lr_fn, steps, *, b1=0.9, b2=0.999,
                    eps=1e-8, weight_decay=0.01, pullback, ema_power,
                    delay=0.0, multiplier=1.0, update_freq=1,
                    clip_pullback=True):
-  """SPEC 3, line by line, in float64; returns thetas, emas, clipped shares."""
+  """PACE's update, line by line, in float64; returns thetas, emas, clipped
+  shares."""
   theta = np.asarray(theta0, np.float64).copy()
   m = np.zeros_like(theta)
   v = np.zeros_like(theta)
@@ -147,7 +156,8 @@ def test_pullback_is_exactly_zero_at_step_one():
   adamw = optax.adamw(1e-2, weight_decay=0.01)
   want, _ = adamw.update(grads, adamw.init(params), params)
   np.testing.assert_array_equal(updates, want)
-  assert float(optax_bema.pace_telemetry(state).mean_gain) > 1.0  # the gain was large; ema - theta was 0
+  # The gain was large; the pullback was zero because ema - theta was.
+  assert float(optax_bema.pace_telemetry(state).mean_gain) > 1.0
 
 
 @pytest.mark.parametrize('schedule', [False, True])

@@ -5,13 +5,10 @@ online in the same chain (``optax_bema.averages``) are the reference for
 ``profile``, ``replay`` and ``synthesize``.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax._src import test_utils
 import pytest
 
 import optax_bema
@@ -216,86 +213,6 @@ def test_posthoc_ema_holds_its_emas_and_theta_0():
   assert sizes == [12] * 3  # two EMAs and theta_0; integer leaves: none
   with pytest.raises(ValueError, match='distinct'):
     optax_bema.posthoc_ema(ema_powers=(0.5, 0.5))
-
-
-# --- the contract every transform keeps, for the combined averages ---------
-
-COMBINED = {
-    'averages': lambda: optax_bema.averages(
-        ema=optax_bema.ema(update_freq=1),
-        bema=optax_bema.bema(update_after=1, update_freq=2)),
-    'posthoc_ema': optax_bema.posthoc_ema,
-}
-
-
-def _step(tx, **jit_kwargs):
-  @functools.partial(jax.jit, **jit_kwargs)
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params, unused_extra_arg=1.0)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-@pytest.mark.parametrize('name', COMBINED)
-def test_combined_donation_no_recompile_and_eval_shape(name):
-  tx = optax.chain(optax.adamw(0.1), COMBINED[name]())
-  params = {'w': jnp.linspace(-1.0, 1.0, 6), 'b': jnp.zeros(2)}
-  state = tx.init(params)
-  assert not ({x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)}
-              & {x.unsafe_buffer_pointer() for x in jax.tree.leaves(params)})
-  shapes = jax.eval_shape(tx.init, params)
-  assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
-      lambda s: (s.shape, s.dtype), state)
-  step = _step(tx, donate_argnums=(0, 1))
-  grads = {'w': jnp.ones(6), 'b': jnp.ones(2)}
-  params, state = step(params, state, grads)
-  with test_utils.log_compilations() as logs:
-    params, state = step(params, state, grads)
-  assert not logs, 'the second step recompiled'
-  with pytest.raises(ValueError, match='params'):
-    tx.update(grads, state)
-
-
-@pytest.mark.parametrize('name', COMBINED)
-@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_combined_keeps_dtypes_under_a_cond(name, dtype):
-  tx = optax.chain(optax.adamw(0.1), COMBINED[name]())
-  params = {'w': jnp.linspace(-1.0, 1.0, 6, dtype=dtype)}
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, flip):
-    grads = {'w': params['w'] - 0.5}
-    return jax.lax.cond(flip, lambda: tx.update(grads, state, params),
-                        lambda: (params, state))
-
-  updates, new_state = step(params, state, True)
-  assert updates['w'].dtype == dtype
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), state)
-
-
-@pytest.mark.parametrize('name', COMBINED)
-def test_combined_models_stay_at_their_last_finite_values(name):
-  tx = optax.chain(optax.adamw(0.1), COMBINED[name]())
-  params = {'w': jnp.linspace(-1.0, 1.0, 6)}
-  state = tx.init(params)
-  step = _step(tx)
-  members = list(optax.tree.get(state, 'members'))
-  before = None
-  for t in range(1, 9):
-    grads = {'w': jnp.full(6, jnp.nan if t == 5 else 0.3 * t)}
-    params, state = step(params, state, grads)
-    models = {k: optax_bema.averaged_params(state, params, name=k)
-              for k in members}
-    if t == 4:
-      before = models
-    if t >= 5:  # AdamW's moments are NaN now, and so are the live weights
-      assert not np.isfinite(params['w']).any()
-      for k in members:
-        assert np.isfinite(models[k]['w']).all(), k
-        if k != 'bema':  # BEMA at update_freq=2 froze at step 3
-          np.testing.assert_array_equal(models[k]['w'], before[k]['w'])
 
 
 def test_synthesize_reads_snapshots_saved_to_host_memory(posthoc_run):

@@ -18,6 +18,7 @@ import pytest
 
 import optax_bema
 from optax_bema import _posthoc
+
 import _oracle
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'posthoc_v1'

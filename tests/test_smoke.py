@@ -6,8 +6,9 @@ and optax that pyproject.toml declares: the declared bounds stay true.
 
 Each transform is initialised, stepped a few times under ``jit`` on a small
 pytree (float32 and bfloat16 leaves), and read out; the readout must have the
-params' structure and dtypes, be finite, and agree with an independent NumPy
-recursion (or an optax optimizer) where that is cheap.
+params' structure and dtypes, be finite, and agree with the float64
+reference loop (``_oracle``, beside this file; no other helper) or an optax
+optimizer where that is cheap.
 """
 
 import re
@@ -20,6 +21,8 @@ import optax
 import pytest
 
 import optax_bema
+
+import _oracle
 
 STEPS = 8
 PARAMS = {'w': jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
@@ -83,30 +86,6 @@ def _assert_close(model, expected):
                                atol=tol, err_msg=key)
 
 
-def _reference(kind, thetas, *, update_after, update_freq, ema_power=0.5,
-               bias_power=0.2, lag=10.0):
-  """The model of the BEMA paper's recursions, in float64 NumPy, one leaf."""
-  x0 = ema = ema2 = last = thetas[0]
-  alpha = 0.0
-  for t, theta in enumerate(thetas[1:], start=1):
-    if t <= update_after:  # burn-in: everything restarts at theta_t
-      x0 = ema = ema2 = last = theta
-      alpha = 0.0
-      continue
-    if (t - update_after) % update_freq:
-      continue
-    beta = (lag + t) ** -ema_power
-    if kind == 'ouema':
-      p = (1.0 + t) ** -bias_power
-      theta = (theta - p * x0) / (1 - p)
-    ema = (1 - beta) * ema + beta * theta
-    ema2 = (1 - beta) * ema2 + beta * ema
-    last = theta
-    alpha = (lag + t) ** -bias_power
-  return {'ema': ema, 'ouema': ema, 'dema': 2 * ema - ema2,
-          'bema': alpha * (last - x0) + ema}[kind]
-
-
 KINDS = ['ema', 'bema', 'dema', 'ouema']
 
 
@@ -129,8 +108,10 @@ def test_stabilizer_after_adamw(stabilizer_runs, kind, update_after,
   model = optax_bema.averaged_params(state, params)
   _check_readout(model, params)
   expected = {
-      key: _reference(kind, [_as_f64(p[key]) for p in trajectory],
-                      update_after=update_after, update_freq=update_freq)
+      key: _oracle.models(
+          kind, _as_f64(trajectory[0][key]),
+          [_as_f64(p[key]) for p in trajectory[1:]],
+          update_after=update_after, update_freq=update_freq)[-1]
       for key in params}
   _assert_close(model, expected)
   # Under jit, too (the readout's tracer path); XLA may fuse differently.

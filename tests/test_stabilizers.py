@@ -1,7 +1,8 @@
-"""EMA, BEMA, DEMA, OUEMA against a plain numpy loop written from SPEC §1-2."""
+"""EMA, BEMA, DEMA, OUEMA against the float64 reference loop (``_oracle``).
 
-import pathlib
-import sys
+The reference is the BEMA paper's Algorithm 1 and Appendix C (Block and
+Zhang 2025, arXiv 2508.00180), one iterate at a time.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -11,43 +12,10 @@ import pytest
 
 import optax_bema
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / 'benchmarks'))
-import _transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _catalog
+import _oracle
 
-KINDS = _transforms.STABILIZERS
-DEFAULTS = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
-                update_after=0, update_freq=400, min_ema_multiplier=0.0)
-
-
-def reference_models(kind, theta0, thetas, steps=None, **hp):
-  """The returned model after each step, straight from SPEC §2, in float64.
-
-  Iterate k is seen at absolute step ``steps[k]`` (1, 2, ... by default); a
-  step with no iterate changes nothing.
-  """
-  hp = {**DEFAULTS, **hp}
-  theta0 = np.asarray(theta0, np.float64)
-  e1 = e2 = returned = theta0
-  models = []
-  for t, theta in zip(steps or range(1, len(thetas) + 1), thetas):
-    theta = np.asarray(theta, np.float64)
-    base = hp['lag'] + hp['multiplier'] * t
-    if t <= hp['update_after']:
-      theta0 = e1 = e2 = returned = theta
-    elif (t - hp['update_after']) % hp['update_freq'] == 0:
-      beta = max(base ** -hp['ema_power'], hp['min_ema_multiplier'])
-      # alpha_t and p_t may run on their own clock (bias_multiplier).
-      clock = hp.get('bias_multiplier', hp['multiplier']) * t
-      alpha = (hp['lag'] + clock) ** -hp['bias_power']
-      if kind == 'ouema':
-        p = (1 + clock) ** -hp['bias_power']
-        theta = (theta - p * theta0) / (1 - p)
-      e1 = (1 - beta) * e1 + beta * theta
-      e2 = (1 - beta) * e2 + beta * e1
-      returned = {'ema': e1, 'ouema': e1, 'dema': 2 * e1 - e2,
-                  'bema': alpha * (theta - theta0) + e1}[kind]
-    models.append(returned)
-  return models
+KINDS = _catalog.STABILIZERS
 
 
 def random_trajectory(steps, seed=0, shape=(5,)):
@@ -78,8 +46,8 @@ SETTINGS = [
 @pytest.mark.parametrize('hp', SETTINGS)
 def test_matches_reference_every_step_under_jit(kind, hp):
   theta0, updates, thetas = random_trajectory(40)
-  expected = reference_models(kind, theta0, thetas, **hp)
-  tx = _transforms.stabilizer(kind, **hp)
+  expected = _oracle.models(kind, theta0, thetas, **hp)
+  tx = _catalog.stabilizer(kind, **hp)
   step = jax.jit(tx.update)
   readout = jax.jit(optax_bema.averaged_params)
   params = jnp.asarray(theta0)
@@ -96,8 +64,8 @@ def test_matches_reference_every_step_under_jit(kind, hp):
 def test_inside_scan_over_a_pytree(kind):
   hp = dict(update_freq=2, update_after=3)
   theta0, updates, thetas = random_trajectory(30, seed=1, shape=(6,))
-  expected = reference_models(kind, theta0, thetas, **hp)[-1]
-  tx = _transforms.stabilizer(kind, **hp)
+  expected = _oracle.models(kind, theta0, thetas, **hp)[-1]
+  tx = _catalog.stabilizer(kind, **hp)
   params = {'a': jnp.asarray(theta0[:2]), 'b': jnp.asarray(theta0[2:])}
   stacked = {'a': jnp.asarray(np.stack(updates)[:, :2]),
              'b': jnp.asarray(np.stack(updates)[:, 2:])}
@@ -115,8 +83,8 @@ def test_inside_scan_over_a_pytree(kind):
 
 def test_ema_is_bema_with_infinite_bias_power():
   theta0, updates, thetas = random_trajectory(12, seed=2)
-  ema_ref = reference_models('ema', theta0, thetas, update_freq=1)
-  bema_inf = reference_models('bema', theta0, thetas, update_freq=1,
+  ema_ref = _oracle.models('ema', theta0, thetas, update_freq=1)
+  bema_inf = _oracle.models('bema', theta0, thetas, update_freq=1,
                               bias_power=np.inf)
   np.testing.assert_allclose(ema_ref, bema_inf)
   tx = optax_bema.bema(update_freq=1, bias_power=float('inf'))
@@ -130,14 +98,17 @@ def test_ema_is_bema_with_infinite_bias_power():
 
 
 def test_paper_weights_at_known_steps():
-  # SPEC §1 with Table 2 defaults: beta_t = (10 + t) ** -0.5, alpha_t = ** -0.2
-  w = optax_bema._engine.power_law  # pylint: disable=protected-access
-  np.testing.assert_allclose(w(90, lag=10., multiplier=1., power=0.5), 0.1,
-                             rtol=1e-6)
-  np.testing.assert_allclose(w(22, lag=10., multiplier=1., power=0.2),
-                             32 ** -0.2, rtol=1e-6)
-  np.testing.assert_allclose(
-      w(10 ** 6, lag=10., multiplier=1., power=0.5, floor=0.01), 0.01)
+  # Table 2 defaults: beta_t = (10 + t) ** -0.5 and alpha_t = (10 + t) ** -0.2;
+  # updating every step, the last iterate weighs beta_T in the EMA, beta_T +
+  # alpha_T in BEMA, and a floor on beta_t binds once (10 + t) ** -0.5 is
+  # below it.
+  w = optax_bema.profile(optax_bema.ema(update_freq=1), 90)
+  np.testing.assert_allclose(w[90], 0.1, rtol=1e-12)
+  w = optax_bema.profile(optax_bema.bema(update_freq=1), 22)
+  np.testing.assert_allclose(w[22], 32 ** -0.5 + 32 ** -0.2, rtol=1e-12)
+  w = optax_bema.profile(
+      optax_bema.ema(update_freq=1, min_ema_multiplier=0.01), 10 ** 6)
+  np.testing.assert_allclose(w[-1], 0.01, rtol=1e-12)
 
 
 # --- where the stabilizer sits ---------------------------------------------
@@ -189,7 +160,7 @@ def test_multisteps_averages_the_applied_iterates():
   for i in range(0, len(grads), k):
     theta = theta - 0.1 * np.mean(np.stack(grads[i:i + k]), axis=0)
     iterates.append(theta)
-  want = reference_models('dema', params, iterates, update_freq=1)[-1]
+  want = _oracle.models('dema', params, iterates, update_freq=1)[-1]
   np.testing.assert_allclose(optax_bema.averaged_params(s, p), want,
                              rtol=1e-5, atol=1e-6)
 
@@ -214,7 +185,7 @@ def test_zero_or_several_stabilizers_is_a_clear_error():
 def test_low_precision_params_average_in_float32(kind):
   params = {'w': jnp.ones(4, jnp.bfloat16), 'h': jnp.ones(2, jnp.float16),
             'step': jnp.array(7, jnp.int32), 'mask': jnp.array([True, False])}
-  tx = _transforms.stabilizer(kind, update_freq=1)
+  tx = _catalog.stabilizer(kind, update_freq=1)
   state = tx.init(params)
   float_leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
   assert float_leaves and all(x.dtype == jnp.float32 for x in float_leaves)
@@ -246,7 +217,7 @@ def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
   params = {'emb': jnp.ones((64, 16)), 'w': jnp.ones((16, 16)),
             'b': jnp.ones(16, jnp.bfloat16)}
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))  # f32 avgs
-  state = _transforms.stabilizer(kind, **hp).init(params)
+  state = _catalog.stabilizer(kind, **hp).init(params)
   big = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim > 0)
   small = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim == 0)
   assert big == copies * param_bytes
@@ -262,7 +233,7 @@ def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
 def test_non_finite_iterate_never_enters_the_average(kind, freq, bad_value):
   theta0, _, thetas = random_trajectory(10, seed=4)
   bad_step = 7  # an update step for both frequencies (update_after=1)
-  tx = _transforms.stabilizer(kind, update_freq=freq, update_after=1)
+  tx = _catalog.stabilizer(kind, update_freq=freq, update_after=1)
   params = jnp.asarray(theta0)
   state = tx.init(params)
   models = []
@@ -280,9 +251,9 @@ def test_non_finite_iterate_never_enters_the_average(kind, freq, bad_value):
   assert int(state.nonfinite_count) == 1
   assert int(state.count) == len(thetas)
   # after the skip, the average continues from its last finite value; the
-  # step numbers of the later updates are the absolute ones (SPEC §1)
+  # weights of the later updates use their absolute step numbers
   ref_steps = [i for i in range(1, 11) if i != bad_step]
-  ref = reference_models(kind, theta0, kept, ref_steps, update_freq=freq,
+  ref = _oracle.models(kind, theta0, kept, ref_steps, update_freq=freq,
                          update_after=1)
   np.testing.assert_allclose(models, ref, rtol=2e-5, atol=2e-5)
 

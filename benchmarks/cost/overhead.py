@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_bema
+from optax_bema import _posthoc
 
 # The helpers every group shares (_common, _transforms) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -56,6 +57,9 @@ import _timing
 import _transforms
 
 LEARNING_RATE = 1e-3
+# How many averages posthoc_ema() tracks by default (theta_0 aside).
+_POSTHOC_TRACKED = len(_posthoc.DEFAULT_POSTHOC_POWERS
+                       + _posthoc.DEFAULT_POSTHOC_STDS)
 IDLE_FREQ = 400  # a stabilizer's default: most steps do not update it
 
 # name: (width, layers, vocabulary, context); about 12 w^2 per layer.
@@ -164,10 +168,10 @@ def contenders(names=()) -> list[Contender]:
               f'ema{i}': optax_bema.ema(ema_power=0.3 + 0.3 * i,
                                         update_freq=1) for i in range(k)})),
                   Transfers(iterate=1, averages=2 * k)) for k in (2, 3)),
-      # Its three EMAs; theta_0 is held, never touched.
+      # Its default averages; theta_0 is held, never touched.
       Contender('posthoc_ema', optax.chain(optax.adamw(LEARNING_RATE),
                                            optax_bema.posthoc_ema()),
-                Transfers(iterate=1, averages=6)),
+                Transfers(iterate=1, averages=2 * _POSTHOC_TRACKED)),
   ]
   return [c for c in out if not names or c.name in names or c.label in names]
 
