@@ -15,12 +15,15 @@ to see what the count costs.
 
 A setting whose model weighs only saved steps (its profile is zero at every
 other step) is not synthesized but read off the saved params: ``synthesize``
-fits it exactly. The schedule does not avoid that: at 300 steps (quick) the
-evenly spaced half of ``snapshot_steps(300, 40)`` and ``(300, 20)`` is every
-15th and 30th step, so every ``update_freq=30`` setting (18 of 72) is exact;
-at 1000 steps (full) none is. The results list these settings, and the
-synthesis' accuracy (model errors, validation-loss gaps) is reported over
-the other settings only; the choice is made over all of them, as a user's.
+fits it exactly. The schedule does not avoid that (the old fixed spacing,
+coprime with every ``update_freq``, did): at 300 steps (quick) the evenly
+spaced part of ``snapshot_steps(300, 40)`` is every 10th step, so every
+``update_freq`` 10 and 30 setting (36 of 72, the online defaults among
+them) is exact; from 20 or 10 snapshots, and at 1000 steps (full) from any
+of the three counts, none is. The results list these settings
+(``grid['schedules']``); the synthesis' accuracy (model errors,
+validation-loss gaps) is reported over the other settings only, and the
+choice is made over all of them, as a user's.
 
 The choice is compared with the models the grid's settings really return on
 that trajectory. Tracking 100+ stabilizers online costs minutes of
