@@ -257,13 +257,6 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
       set().union(*(s['steps'] for s in schedules)), bar)
   seconds = dict(train=lap())
   targets = {k: stabilizer(settings[k]) for k in names}
-  synthesized, synth = [], []
-  for i, schedule in enumerate(schedules):
-    out = optax_bema.synthesize(
-        targets, OnDevice([snapshots[t] for t in schedule['steps']]))
-    synthesized.append(out)
-    synth.append(np.stack([_flat(out.model[k]) for k in names]))
-    seconds['synthesize' if i == 0 else 'fewer'] = lap()
 
   def model_error(approx, truth):
     """||approx - truth|| / ||truth - last iterate||: the part of what
@@ -271,19 +264,35 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
     return float(np.linalg.norm(approx - truth)
                  / np.linalg.norm(truth - last))
 
+  # Each schedule's models are reduced to what is reported as soon as they
+  # are scored: three sets of them would crowd a small machine's memory.
+  runs = []
+  for i, schedule in enumerate(schedules):
+    out = optax_bema.synthesize(
+        targets, OnDevice([snapshots[t] for t in schedule['steps']]))
+    models = np.stack([_flat(out.model[k]) for k in names])
+    if i == 0:
+      synth, residual = models, out.residual
+    del out
+    val = score(models, validation)
+    choice = int(np.argmin(val))
+    runs.append(dict(errors=np.array([model_error(*pair) for pair in zip(
+        models, exact)]), val=val, choice=choice, model=models[choice]))
+    del models
+    seconds['synthesize' if i == 0 else 'fewer'] = lap()
   kinds = {k: [i for i, n in enumerate(names) if settings[n]['kind'] == k]
            for k in _transforms.STABILIZERS}
   val_exact, held_exact = score(exact, validation), score(exact, held_out)
-  val_synth = [score(models, validation) for models in synth]
-  chosen = [int(np.argmin(v)) for v in val_synth]
+  val_synth = [run['val'] for run in runs]
+  chosen = [run['choice'] for run in runs]
   by_validation, hindsight = int(np.argmin(val_exact)), int(np.argmin(
       held_exact))
   # Each stabilizer's own post-hoc choice, as for a user who wants BEMA.
   kind_choice = {k: min(rows, key=val_synth[0].__getitem__)
                  for k, rows in kinds.items()}
   held_last, *held_more = score(np.stack(
-      [last, *online, *synth[0][list(kind_choice.values())],
-       *(models[i] for models, i in zip(synth, chosen))]), held_out)
+      [last, *online, *synth[list(kind_choice.values())],
+       *(run['model'] for run in runs)]), held_out)
   held_online = held_more[:len(online)]
   held_kind = held_more[len(online):len(online) + len(kinds)]
   held_chosen = held_more[len(online) + len(kinds):]
@@ -295,10 +304,10 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
                                       else validation_loss),
                 held_out_rank=int(np.sum(held_exact < held)) + 1)
 
-  def accuracy(schedule, models, val, choice, held):
+  def accuracy(schedule, run, held):
     """The synthesis' accuracy from one schedule, over the settings it
     really synthesizes, and the choice made from it."""
-    errors = np.array([model_error(*pair) for pair in zip(models, exact)])
+    errors, val, choice = run['errors'], run['val'], run['choice']
     exact_rows = np.array([n in schedule['exact'] for n in names])
     gaps = np.where(exact_rows, np.nan, np.abs(val - val_exact))
     return dict(
@@ -325,8 +334,8 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
               defaults.items(), online, held_online)},
       posthoc=dict(
           entry(chosen[0], held_chosen[0], val_synth[0][chosen[0]]),
-          residual=synthesized[0].residual[names[chosen[0]]],
-          model_error=model_error(synth[0][chosen[0]], exact[chosen[0]]),
+          residual=residual[names[chosen[0]]],
+          model_error=float(runs[0]['errors'][chosen[0]]),
           exact=entry(chosen[0], held_exact[chosen[0]])),
       by_stabilizer={k: dict(
           posthoc=entry(kind_choice[k], held, val_synth[0][kind_choice[k]]),
@@ -336,9 +345,9 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
       exact_choice=entry(by_validation, held_exact[by_validation]),
       hindsight=entry(hindsight, held_exact[hindsight]),
       synthesis=dict(
-          max_residual=float(max(synthesized[0].residual.values())),
+          max_residual=float(max(residual.values())),
           by_schedule=[accuracy(*args) for args in zip(
-              schedules, synth, val_synth, chosen, held_chosen)]),
+              schedules, runs, held_chosen)]),
       # How well validation predicts held-out among the exact models: what
       # any choice on this validation split can achieve.
       validation_vs_held_out=_rank_correlation(val_exact, held_exact),
