@@ -13,6 +13,8 @@ import numpy as np
 import optax
 import pytest
 
+import optax_bema
+
 BENCHMARKS = pathlib.Path(__file__).parent.parent / 'benchmarks'
 sys.path[:0] = [str(BENCHMARKS / 'lm'), str(BENCHMARKS)]
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -45,13 +47,44 @@ def test_choice_is_a_grid_setting_and_losses_are_finite(results):
   assert seed['hindsight']['held_out_rank'] == 1
   for row in results['summary']['rows'].values():
     assert all(map(math.isfinite, row['held_out_loss_per_seed']))
-  assert seed['snapshots'] == 3  # steps 3, 6 and the last, 7
-  spacings = seed['synthesis']['model_error_by_spacing']
-  assert set(spacings) == {3, 6}  # and from steps 6 and 7 alone
-  for errors in spacings.values():
-    assert all(math.isfinite(e['max']) for e in errors.values())
+  schedules = results['grid']['schedules']
+  assert [s['num_snapshots'] for s in schedules] == [4, 2]
+  assert seed['snapshots'] == len(schedules[0]['steps'])
+  by_schedule = seed['synthesis']['by_schedule']
+  assert [s['num_snapshots'] for s in by_schedule] == [4, 2]
+  for schedule, accuracy in zip(schedules, by_schedule):
+    assert schedule['steps'] == optax_bema.snapshot_steps(7, schedule[
+        'num_snapshots'])
+    assert accuracy['choice']['name'] in names
+    assert math.isfinite(accuracy['gap_to_hindsight'])
+    assert accuracy['gap_to_hindsight'] >= 0  # the best is the best
+    assert set(accuracy['model_error']) == {'ema', 'bema', 'dema', 'ouema'}
+    for errors in accuracy['model_error'].values():
+      assert math.isfinite(errors['max'])
+    # Read off the saved params: exact up to float32 and the fit's ridge.
+    assert accuracy['exact_settings_max_model_error'] < 1e-3
   assert 0 <= seed['posthoc']['residual'] < 1
   assert _posthoc_report.report(results, 'smoke').count('\n') > 20
+
+
+def test_exact_settings_are_those_updated_only_at_saved_steps(results):
+  # A setting updated every f steps weighs steps 0, f, 2f, ... <= T alone.
+  settings = posthoc.grid(**posthoc.GRIDS['smoke'], base=BASE)
+  for schedule in results['grid']['schedules']:
+    saved = set(schedule['steps'])
+    assert set(schedule['exact']) == {
+        k for k, s in settings.items()
+        if set(range(0, CONFIG['steps'] + 1, s['update_freq'])) <= saved}
+  assert results['grid']['schedules'][0]['exact']  # the f=10 settings
+  assert len(results['grid']['schedules'][0]['exact']) < len(settings)
+
+
+def test_read_only_saved():
+  profiles = np.array([[0.5, 0, 0.5, 0], [0.2, 0.3, 0.5, 0], [0, 0, 0, 1.0]])
+  np.testing.assert_array_equal(posthoc.read_only_saved(profiles, [0, 2]),
+                                [True, False, False])
+  np.testing.assert_array_equal(
+      posthoc.read_only_saved(profiles, [0, 1, 2, 3]), [True, True, True])
 
 
 def test_profile_sums_are_the_online_models(results):

@@ -29,7 +29,8 @@ def _at(result: dict, path) -> dict:
 
 def summarize(per_seed: list[dict]) -> dict:
   """Each row's held-out loss (mean and per seed) and its settings per seed;
-  the post-hoc choice's gap to the hindsight best, paired by seed."""
+  the post-hoc choice's gap to the hindsight best, paired by seed, from
+  each snapshot schedule (the first is the reported choice)."""
   rows = {}
   for label, path in ROWS:
     entries = [_at(seed, path) for seed in per_seed]
@@ -37,10 +38,16 @@ def summarize(per_seed: list[dict]) -> dict:
     rows[label] = dict(held_out_loss=float(np.mean(held)),
                        held_out_loss_per_seed=held,
                        names=[e.get('name', '') for e in entries])
-  gap = [s['posthoc']['held_out_loss'] - s['hindsight']['held_out_loss']
-         for s in per_seed]
-  return dict(rows=rows, gap_to_hindsight=float(np.mean(gap)),
-              gap_to_hindsight_per_seed=gap)
+  by_schedule = [dict(num_snapshots=at[0]['num_snapshots'],
+                      gap_to_hindsight=float(np.mean(
+                          [a['gap_to_hindsight'] for a in at])),
+                      gap_to_hindsight_per_seed=[a['gap_to_hindsight']
+                                                 for a in at])
+                 for at in zip(*(s['synthesis']['by_schedule']
+                                 for s in per_seed))]
+  return dict(rows=rows, **{k: v for k, v in by_schedule[0].items()
+                            if k != 'num_snapshots'},
+              gap_to_hindsight_by_schedule=by_schedule)
 
 
 def report(results: dict, title: str) -> str:
@@ -58,7 +65,8 @@ def report(results: dict, title: str) -> str:
   def each(path, key, fmt):
     return ', '.join(format(_at(s, path)[key], fmt) for s in per_seed)
   gap = results['summary']['gap_to_hindsight_per_seed']
-  chosen, grid = ('posthoc',), ('synthesis',)
+  schedules = results['grid']['schedules']
+  chosen, main = ('posthoc',), ('synthesis', 'by_schedule', 0)
   lines += [
       f'post-hoc minus hindsight best: {np.mean(gap):+.4f} (per seed '
       f'{", ".join(f"{g:+.4f}" for g in gap)}); held-out rank of the '
@@ -66,29 +74,43 @@ def report(results: dict, title: str) -> str:
       + each(chosen, 'held_out_rank', 'd'),
       f'synthesis of the choice: residual {each(chosen, "residual", ".3f")}'
       f'; model error {each(chosen, "model_error", ".2%")}',
-      'over the grid: |validation loss synthesized - exact| median '
-      f'{each(grid, "median_validation_gap", ".1e")}, max '
-      f'{each(grid, "max_validation_gap", ".1e")} '
-      f'({each(grid, "max_validation_gap_at", "s")}); rank correlation '
-      + each(grid, 'rank_correlation', '.4f'),
+      f'over the {results["grid"]["size"] - len(schedules[0]["exact"])} '
+      'settings synthesized (the other '
+      f'{len(schedules[0]["exact"])} weigh only saved steps): '
+      '|validation loss synthesized - exact| median '
+      f'{each(main, "median_validation_gap", ".1e")}, max '
+      f'{each(main, "max_validation_gap", ".1e")} '
+      f'({each(main, "max_validation_gap_at", "s")}); rank correlation '
+      'over the whole grid ' + each(main, 'rank_correlation', '.4f'),
       'rank correlation of validation and held-out loss over the grid (exact '
       'models): ' + each((), 'validation_vs_held_out', '.3f'),
       'defaults online vs profile sums (model error): ' + ', '.join(
           f'{d["profile_check"]:.1e}' for s in per_seed
           for d in s['defaults'].values()),
-      'model error of the synthesis by snapshot spacing, median / max over '
-      'each stabilizer\'s settings (mean / worst over seeds):',
-      f'{"every":>6s} '
-      + ' '.join(f'{k:>16s}' for k in _transforms.STABILIZERS),
+      'by snapshot count n (saved at snapshot_steps(T, n)): the settings '
+      'that weigh only saved steps (exact: their worst model error), the '
+      'model error of the others, median / max over each stabilizer\'s '
+      'settings (mean / worst over seeds), and the post-hoc choice made '
+      'from them minus the hindsight best (mean over seeds):',
+      f'{"n":>3s} {"saved":>5s} {"exact":>13s} '
+      + ' '.join(f'{k:>16s}' for k in _transforms.STABILIZERS)
+      + f' {"vs best":>8s}',
   ]
-  spacings = [s['synthesis']['model_error_by_spacing'] for s in per_seed]
-  for spacing in spacings[0]:
+  by_schedule = [s['synthesis']['by_schedule'] for s in per_seed]
+  for i, (schedule, gaps) in enumerate(zip(
+      schedules, results['summary']['gap_to_hindsight_by_schedule'])):
+    at = [b[i] for b in by_schedule]
     cells = []
     for kind in _transforms.STABILIZERS:
-      errors = [at[spacing][kind] for at in spacings]
+      errors = [a['model_error'][kind] for a in at if kind in a['model_error']]
       cells.append(f'{np.mean([e["median"] for e in errors]):7.2%} / '
-                   f'{max(e["max"] for e in errors):6.2%}')
-    lines.append(f'{spacing:>6} ' + ' '.join(f'{c:>16s}' for c in cells))
+                   f'{max(e["max"] for e in errors):6.2%}' if errors else '-')
+    worst = [a['exact_settings_max_model_error'] for a in at]
+    exact = (f'{len(schedule["exact"])} ({max(worst):.0e})'
+             if schedule['exact'] else '0')
+    lines.append(f'{schedule["num_snapshots"]:>3} {len(schedule["steps"]):>5} '
+                 f'{exact:>13s} ' + ' '.join(f'{c:>16s}' for c in cells)
+                 + f' {gaps["gap_to_hindsight"]:+8.4f}')
   return '\n'.join(lines)
 
 
@@ -96,13 +118,21 @@ def plot(results: dict, out_dir: str, title: str) -> str:
   """Every setting of every seed: validation loss synthesized against exact
   (the synthesis), and held-out against validation loss (the choice)."""
   fig, (synthesis, choice) = plt.subplots(1, 2, figsize=(12, 5))
+  schedule = results['grid']['schedules'][0]
   for i, seed in enumerate(results['per_seed']):
     for kind, color in zip(_transforms.STABILIZERS, ('C0', 'C1', 'C2', 'C3')):
       points = [v for k, v in seed['losses'].items()
                 if k.split('/')[0] == kind]
       exact = [p['validation'] for p in points]
-      synthesis.scatter(exact, [p['validation_synthesized'] for p in points],
-                        s=8, color=color, label=None if i else kind)
+      for only_saved in (False, True):  # the exact ones drawn hollow
+        these = [p for k, p in seed['losses'].items() if k.split('/')[0]
+                 == kind and (k in schedule['exact']) == only_saved]
+        synthesis.scatter(
+            [p['validation'] for p in these],
+            [p['validation_synthesized'] for p in these], s=8,
+            facecolors='none' if only_saved else color, edgecolors=color,
+            label=None if i or not these else
+            f'{kind}, weighs only saved steps' if only_saved else kind)
       choice.scatter(exact, [p['held_out'] for p in points], s=8,
                      color=color, label=None if i else kind)
     for key, marker in (('posthoc', '*'), ('hindsight', 'x')):
@@ -126,6 +156,7 @@ def plot(results: dict, out_dir: str, title: str) -> str:
     ax.legend(fontsize=7)
   synthesis.set_ylim(low, high)
   choice.set_ylim(*better_half('held_out'))
-  synthesis.set_title(f'{title}: synthesis')
-  choice.set_title(f'{title}: choosing on validation')
+  synthesis.set_title(f'{title}: synthesis from '
+                      f'{len(schedule["steps"])} snapshots', fontsize=10)
+  choice.set_title(f'{title}: choosing on validation', fontsize=10)
   return _common.save_figure(fig, out_dir, 'posthoc.png')

@@ -1,16 +1,29 @@
 """Choosing the average after training, on the language-model fine-tuning.
 
 Each seed fine-tunes ONCE with ``optax_bema.posthoc_ema()`` last in the chain
-and saves ``(its state, params)`` every ``snapshot_every`` steps to host
-memory, as a user saves checkpoints. After training, every setting of a grid
-(the four stabilizers x ``ema_power`` x ``bias_power`` x ``update_freq``) is
-synthesized from those snapshots in one ``optax_bema.synthesize`` pass, each
-synthesized model is scored on a VALIDATION split, and the best is kept. The
-validation windows are the training text's last bytes, which no training
-batch samples; the held-out windows are the corpus' tail, as in the main
-comparison, and only the report reads them. ``snapshot_every`` is coprime
-with every ``update_freq`` of the grid, so no setting reads only saved steps
-(which would make its synthesis exact through the saved params alone).
+and saves ``(its state, params)`` to host memory at the steps
+``optax_bema.snapshot_steps(steps, 40)`` names, as a user saves checkpoints.
+After training, every setting of a grid (the four stabilizers x
+``ema_power`` x ``bias_power`` x ``update_freq``) is synthesized from those
+snapshots in one ``optax_bema.synthesize`` pass, each synthesized model is
+scored on a VALIDATION split, and the best is kept. The validation windows
+are the training text's last bytes, which no training batch samples; the
+held-out windows are the corpus' tail, as in the main comparison, and only
+the report reads them. The same is done again from fewer snapshots
+(``snapshot_steps(steps, 20)`` and ``(steps, 10)``, saved in the same run),
+to see what the count costs.
+
+A setting whose model weighs only saved steps (its profile is zero at every
+other step) is not synthesized but read off the saved params: ``synthesize``
+fits it exactly. The schedule does not avoid that (the old fixed spacing,
+coprime with every ``update_freq``, did): at 300 steps (quick) the evenly
+spaced part of ``snapshot_steps(300, 40)`` is every 10th step, so every
+``update_freq`` 10 and 30 setting (36 of 72, the online defaults among
+them) is exact; from 20 or 10 snapshots, and at 1000 steps (full) from any
+of the three counts, none is. The results list these settings
+(``grid['schedules']``); the synthesis' accuracy (model errors,
+validation-loss gaps) is reported over the other settings only, and the
+choice is made over all of them, as a user's.
 
 The choice is compared with the models the grid's settings really return on
 that trajectory. Tracking 100+ stabilizers online costs minutes of
@@ -52,18 +65,16 @@ import _lm
 import _posthoc_report
 import _transforms
 
-# Per mode: the grid; the snapshot spacing (coprime with every update_freq),
-# and the multiples of it that synthesis is also tried from.
+# Per mode: the grid; the snapshot count the choice is made from
+# (snapshot_steps' num_snapshots), and the fewer it is also made from.
 GRIDS = {
     'full': dict(ema_powers=(0.3, 0.5, 0.7, 0.9),
                  bias_powers=(0.1, 0.2, 0.3, 0.5),
-                 update_freqs=(1, 3, 10, 30), snapshot_every=23,
-                 coarser=(2, 4)),
+                 update_freqs=(1, 3, 10, 30), snapshots=40, fewer=(20, 10)),
     'quick': dict(ema_powers=(0.3, 0.5, 0.8), bias_powers=(0.2, 0.4),
-                  update_freqs=(1, 3, 10, 30), snapshot_every=11,
-                  coarser=()),
+                  update_freqs=(1, 3, 10, 30), snapshots=40, fewer=(20, 10)),
     'smoke': dict(ema_powers=(0.5, 0.9), bias_powers=(0.2,),
-                  update_freqs=(1, 10), snapshot_every=3, coarser=(2,)),
+                  update_freqs=(1, 10), snapshots=4, fewer=(2,)),
 }
 _TAKES_BIAS_POWER = ('bema', 'ouema')
 _EVAL_CHUNK = 8  # models scored per compiled call
@@ -173,20 +184,28 @@ def _flat(tree) -> np.ndarray:
   return np.asarray(jax.flatten_util.ravel_pytree(tree)[0])
 
 
-def train_seed(model, params, optimizer, batches, settings: Mapping,
-               online: Mapping, snapshot_every: int, bar):
+def read_only_saved(profiles: np.ndarray, saved) -> np.ndarray:
+  """Which rows of ``profiles`` weigh only the steps ``saved``: those
+  settings' models are combinations of the saved params, which
+  ``synthesize`` fits exactly."""
+  unsaved = np.ones(profiles.shape[1], bool)
+  unsaved[list(saved)] = False
+  return ~np.any(profiles[:, unsaved], axis=1)
+
+
+def train_seed(model, params, optimizer, batches, profiles: np.ndarray,
+               online: Mapping, saved, bar):
   """One fine-tuning run from ``params``, ``posthoc_ema`` last.
 
-  Returns ``(snapshots, exact, online_models, last)``: the saved
-  ``(posthoc_ema state, params)`` pairs (host NumPy); each setting's exact
-  model, a flattened row per setting; the flattened model of each of
-  ``online`` (stabilizers by name, run in the same chain); the flattened
-  last iterate.
+  ``profiles`` holds each setting's weights on the iterates, a row each.
+  Returns ``(snapshots, exact, online_models, last)``: the
+  ``(posthoc_ema state, params)`` pairs saved at the steps ``saved``, by
+  step (host NumPy); each setting's exact model, a flattened row per
+  setting; the flattened model of each of ``online`` (stabilizers by name,
+  run in the same chain); the flattened last iterate.
   """
   steps = len(batches)
-  sums = ProfileSums(np.stack([optax_bema.profile(stabilizer(s), steps)
-                               for s in settings.values()]),
-                     _flat(params).size)
+  sums = ProfileSums(profiles, _flat(params).size)
   # Both pass the updates through, so each sees theta_t as if it were last.
   tx = optax.chain(optimizer, optax_bema.posthoc_ema(),
                    optax_bema.averages(**online))
@@ -198,16 +217,17 @@ def train_seed(model, params, optimizer, batches, settings: Mapping,
     params = optax.apply_updates(params, updates)
     return params, state, jax.flatten_util.ravel_pytree(params)[0]
 
-  state, snapshots = tx.init(params), []
+  state, snapshots = tx.init(params), {}
   sums.add(_flat(params))
-  for t in range(1, steps + 1):
-    params, state, flat = step(params, state, batches[t - 1])
-    sums.add(np.asarray(flat))
-    if t % snapshot_every == 0 or t == steps:
+  for t in range(steps + 1):
+    if t:
+      params, state, flat = step(params, state, batches[t - 1])
+      sums.add(np.asarray(flat))
+      bar.update()
+    if t in saved:
       # posthoc_ema's state alone, as its user saves it: the online
       # averages beside it would be a second averages state.
-      snapshots.append(jax.device_get((state[1], params)))
-    bar.update()
+      snapshots[t] = jax.device_get((state[1], params))
   online_models = np.stack([_flat(optax_bema.averaged_params(
       state[2], params, name=k)) for k in online])
   return snapshots, sums.models(), online_models, _flat(params)
@@ -215,11 +235,14 @@ def train_seed(model, params, optimizer, batches, settings: Mapping,
 
 def study_seed(model, params, optimizer, batches, validation, held_out, *,
                settings: Mapping, defaults: Mapping[str, str],
-               snapshot_every: int, coarser=(), bar) -> dict:
+               profiles: np.ndarray, schedules: list[Mapping], bar) -> dict:
   """Train once, choose on ``validation``, report on ``held_out``.
 
   ``defaults`` maps a label to a setting's name; those run online too.
-  Each of ``coarser`` synthesizes again from every so many snapshots.
+  ``profiles`` are the settings' weights on the iterates, in order.
+  ``schedules`` (``num_snapshots``, the ``steps`` saved, which settings
+  are ``exact`` from them) are each synthesized from and chosen from; the
+  first is the post-hoc choice reported.
   """
   names = list(settings)
   score = scorer(model, jax.flatten_util.ravel_pytree(params)[1])
@@ -229,14 +252,11 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
     clock.append(time.perf_counter())
     return round(clock[-1] - clock[-2], 1)
   snapshots, exact, online, last = train_seed(
-      model, params, optimizer, batches, settings,
+      model, params, optimizer, batches, profiles,
       {k: stabilizer(settings[v]) for k, v in defaults.items()},
-      snapshot_every, bar)
+      set().union(*(s['steps'] for s in schedules)), bar)
   seconds = dict(train=lap())
   targets = {k: stabilizer(settings[k]) for k in names}
-  synthesized = optax_bema.synthesize(targets, OnDevice(snapshots))
-  synth = np.stack([_flat(synthesized.model[k]) for k in names])
-  seconds['synthesize'] = lap()
 
   def model_error(approx, truth):
     """||approx - truth|| / ||truth - last iterate||: the part of what
@@ -244,34 +264,38 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
     return float(np.linalg.norm(approx - truth)
                  / np.linalg.norm(truth - last))
 
+  # Each schedule's models are reduced to what is reported as soon as they
+  # are scored: three sets of them would crowd a small machine's memory.
+  runs = []
+  for i, schedule in enumerate(schedules):
+    out = optax_bema.synthesize(
+        targets, OnDevice([snapshots[t] for t in schedule['steps']]))
+    models = np.stack([_flat(out.model[k]) for k in names])
+    if i == 0:
+      synth, residual = models, out.residual
+    del out
+    val = score(models, validation)
+    choice = int(np.argmin(val))
+    runs.append(dict(errors=np.array([model_error(*pair) for pair in zip(
+        models, exact)]), val=val, choice=choice, model=models[choice]))
+    del models
+    seconds['synthesize' if i == 0 else 'fewer'] = lap()
   kinds = {k: [i for i, n in enumerate(names) if settings[n]['kind'] == k]
            for k in _transforms.STABILIZERS}
-
-  def fidelity(models):
-    """Each stabilizer's model errors over its settings."""
-    errors = np.array([model_error(*pair) for pair in zip(models, exact)])
-    return {k: dict(median=float(np.median(errors[rows])),
-                    max=float(errors[rows].max())) for k, rows in kinds.items()}
-  by_spacing = {snapshot_every: fidelity(synth)}
-  for factor in coarser:
-    kept = snapshots[factor - 1::factor]
-    kept += snapshots[-1:] if kept[-1] is not snapshots[-1] else []
-    coarse = optax_bema.synthesize(targets, OnDevice(kept)).model
-    by_spacing[snapshot_every * factor] = fidelity(
-        np.stack([_flat(coarse[k]) for k in names]))
-  seconds['coarser'] = lap()
-
-  val_synth, val_exact = score(synth, validation), score(exact, validation)
-  held_exact = score(exact, held_out)
-  chosen, by_validation, hindsight = (int(np.argmin(v)) for v in (
-      val_synth, val_exact, held_exact))
+  val_exact, held_exact = score(exact, validation), score(exact, held_out)
+  val_synth = [run['val'] for run in runs]
+  chosen = [run['choice'] for run in runs]
+  by_validation, hindsight = int(np.argmin(val_exact)), int(np.argmin(
+      held_exact))
   # Each stabilizer's own post-hoc choice, as for a user who wants BEMA.
-  kind_choice = {k: min(rows, key=val_synth.__getitem__)
+  kind_choice = {k: min(rows, key=val_synth[0].__getitem__)
                  for k, rows in kinds.items()}
-  held_chosen, held_last, *held_more = score(np.stack(
-      [synth[chosen], last, *online, *synth[list(kind_choice.values())]]),
-                                             held_out)
-  held_online, held_kind = held_more[:len(online)], held_more[len(online):]
+  held_last, *held_more = score(np.stack(
+      [last, *online, *synth[list(kind_choice.values())],
+       *(run['model'] for run in runs)]), held_out)
+  held_online = held_more[:len(online)]
+  held_kind = held_more[len(online):len(online) + len(kinds)]
+  held_chosen = held_more[len(online) + len(kinds):]
   seconds['score'] = lap()
 
   def entry(i, held, validation_loss=None):
@@ -280,7 +304,26 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
                                       else validation_loss),
                 held_out_rank=int(np.sum(held_exact < held)) + 1)
 
-  gaps = np.abs(val_synth - val_exact)
+  def accuracy(schedule, run, held):
+    """The synthesis' accuracy from one schedule, over the settings it
+    really synthesizes, and the choice made from it."""
+    errors, val, choice = run['errors'], run['val'], run['choice']
+    exact_rows = np.array([n in schedule['exact'] for n in names])
+    gaps = np.where(exact_rows, np.nan, np.abs(val - val_exact))
+    return dict(
+        num_snapshots=schedule['num_snapshots'],
+        model_error={k: dict(median=float(np.median(e)), max=float(e.max()))
+                     for k, rows in kinds.items()
+                     for e in [errors[rows][~exact_rows[rows]]] if e.size},
+        exact_settings_max_model_error=(
+            float(errors[exact_rows].max()) if exact_rows.any() else None),
+        max_validation_gap=float(np.nanmax(gaps)),
+        max_validation_gap_at=names[int(np.nanargmax(gaps))],
+        median_validation_gap=float(np.nanmedian(gaps)),
+        rank_correlation=_rank_correlation(val, val_exact),
+        choice=entry(choice, held, val[choice]),
+        gap_to_hindsight=float(held - held_exact[hindsight]))
+
   return dict(
       last_iterate=dict(held_out_loss=float(held_last)),
       defaults={
@@ -290,31 +333,29 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
           for (label, name), online_model, held in zip(
               defaults.items(), online, held_online)},
       posthoc=dict(
-          entry(chosen, held_chosen, val_synth[chosen]),
-          residual=synthesized.residual[names[chosen]],
-          model_error=model_error(synth[chosen], exact[chosen]),
-          exact=entry(chosen, held_exact[chosen])),
+          entry(chosen[0], held_chosen[0], val_synth[0][chosen[0]]),
+          residual=residual[names[chosen[0]]],
+          model_error=float(runs[0]['errors'][chosen[0]]),
+          exact=entry(chosen[0], held_exact[chosen[0]])),
       by_stabilizer={k: dict(
-          posthoc=entry(kind_choice[k], held, val_synth[kind_choice[k]]),
+          posthoc=entry(kind_choice[k], held, val_synth[0][kind_choice[k]]),
           hindsight=entry(best, held_exact[best]))
                      for (k, rows), held in zip(kinds.items(), held_kind)
                      for best in [min(rows, key=held_exact.__getitem__)]},
       exact_choice=entry(by_validation, held_exact[by_validation]),
       hindsight=entry(hindsight, held_exact[hindsight]),
       synthesis=dict(
-          max_validation_gap=float(gaps.max()),
-          max_validation_gap_at=names[int(gaps.argmax())],
-          median_validation_gap=float(np.median(gaps)),
-          max_residual=float(max(synthesized.residual.values())),
-          model_error_by_spacing=by_spacing,
-          rank_correlation=_rank_correlation(val_synth, val_exact)),
+          max_residual=float(max(residual.values())),
+          by_schedule=[accuracy(*args) for args in zip(
+              schedules, runs, held_chosen)]),
       # How well validation predicts held-out among the exact models: what
       # any choice on this validation split can achieve.
       validation_vs_held_out=_rank_correlation(val_exact, held_exact),
       losses={k: dict(validation_synthesized=float(v), validation=float(e),
                       held_out=float(h))
-              for k, v, e, h in zip(names, val_synth, val_exact, held_exact)},
-      snapshots=len(snapshots), seconds=seconds)
+              for k, v, e, h in zip(names, val_synth[0], val_exact,
+                                    held_exact)},
+      snapshots=len(schedules[0]['steps']), seconds=seconds)
 
 
 def _rank_correlation(a, b) -> float:
@@ -332,6 +373,14 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
                          update_freq) for k in _transforms.STABILIZERS}
   if not set(defaults.values()) <= set(settings):
     raise ValueError(f'the {mode} grid lacks the defaults {defaults}.')
+  profiles = np.stack([optax_bema.profile(stabilizer(s), config['steps'])
+                       for s in settings.values()])
+  schedules = []
+  for count in (plan['snapshots'], *plan['fewer']):
+    steps = optax_bema.snapshot_steps(config['steps'], count)
+    schedules.append(dict(num_snapshots=count, steps=steps, exact=[
+        k for k, only in zip(settings, read_only_saved(profiles, steps))
+        if only]))
   context = config['model'].context
   train, validation = validation_split(train_bytes, config['eval_windows'],
                                        context)
@@ -346,12 +395,12 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
                  for _ in range(config['steps'])]
       per_seed.append(study_seed(
           model, params, optimizer, batches, validation, held,
-          settings=settings, defaults=defaults,
-          snapshot_every=plan['snapshot_every'], coarser=plan['coarser'],
-          bar=bar))
+          settings=settings, defaults=defaults, profiles=profiles,
+          schedules=schedules, bar=bar))
   return dict(summary=_posthoc_report.summarize(per_seed), per_seed=per_seed,
-              grid=dict(plan, size=len(settings)), defaults=defaults,
-              validation_windows=len(validation), held_out_windows=len(held))
+              grid=dict(plan, size=len(settings), schedules=schedules),
+              defaults=defaults, validation_windows=len(validation),
+              held_out_windows=len(held))
 
 
 def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
@@ -377,8 +426,10 @@ def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
   print(_posthoc_report.report(results, (
       f'\nchoosing the average after training on {corpus_name} ({mode}: '
       f'{config["steps"]} steps, {config["seeds"]} seed(s), '
-      f'{results["grid"]["size"]} settings, a snapshot every '
-      f'{results["grid"]["snapshot_every"]} steps)')))
+      f'{results["grid"]["size"]} settings, snapshots at the '
+      f'{len(results["grid"]["schedules"][0]["steps"])} steps of '
+      f'snapshot_steps({config["steps"]}, '
+      f'{results["grid"]["snapshots"]}))')))
   _posthoc_report.plot(results, out_dir, f'{corpus_name}, {mode}')
   print(f'wrote {path} in {wall:.0f}s, pretraining aside '
         f'({_common.machine_line()})')
