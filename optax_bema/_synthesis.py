@@ -368,7 +368,7 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
     count += 1
   if count != len(first):
     raise ValueError(_REREAD.format(f'{count} of {len(first)} snapshots'))
-  return sums
+  return _unstack(sums)
 
 
 _REREAD = ('synthesize: the second read of the snapshots gave {}: they '
@@ -378,10 +378,20 @@ _REREAD = ('synthesize: the second read of the snapshots gave {}: they '
 
 @jax.jit
 def _accumulate(sums, arrays, weights):
-  """``sums[m] + sum_j weights[m, j] arrays[j]``, leaf by leaf (``sums``
-  None: no sums yet)."""
-  def one(m):
-    total = jax.tree.map(
-        lambda *xs: sum(weights[m, j] * x for j, x in enumerate(xs)), *arrays)
-    return total if sums is None else jax.tree.map(jnp.add, sums[m], total)
-  return [one(m) for m in range(weights.shape[0])]
+  """``sums + weights @ arrays`` leaf by leaf, the targets stacked along a
+  first axis (``sums`` None: no sums yet). One contraction per leaf, so the
+  program's size does not grow with the number of targets and columns."""
+  def leaf(total, *xs):
+    stacked = jnp.stack(xs)
+    new = jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
+    return new if total is None else total + new
+  if sums is None:
+    return jax.tree.map(lambda *xs: leaf(None, *xs), *arrays)
+  return jax.tree.map(leaf, sums, *arrays)
+
+
+@jax.jit
+def _unstack(sums):
+  """The stacked sums as one tree per target."""
+  count = jax.tree.leaves(sums)[0].shape[0]
+  return [jax.tree.map(lambda s, i=i: s[i], sums) for i in range(count)]
