@@ -20,14 +20,14 @@ matplotlib.use('Agg')  # benchmarks write PNGs; they never open a window
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import optax
 
-import _transforms  # pylint: disable=g-bad-import-order
 import optax_bema
+from optax_bema import catalog
 
 
 def make_stabilizers(names, *, suffix: str = '',
                      **hyperparams) -> dict[str, optax.GradientTransformation]:
   """``{name + suffix: transform}`` for the named stabilizers."""
-  return {name + suffix: _transforms.stabilizer(name, **hyperparams)
+  return {name + suffix: catalog.stabilizer(name, **hyperparams)
           for name in names}
 
 

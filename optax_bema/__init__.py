@@ -11,22 +11,20 @@ tools to choose the average after training (:func:`averages`,
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
+from optax_bema._averages import AveragesState
+from optax_bema._averages import averages
+from optax_bema._kinds import BemaState
+from optax_bema._kinds import DemaState
+from optax_bema._kinds import EmaState
+from optax_bema._kinds import OuemaState
 from optax_bema._pace import PaceState
 from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
-from optax_bema._posthoc import AveragesState
-from optax_bema._posthoc import averages
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import snapshot_steps
 from optax_bema._readout import averaged_params
-from optax_bema._replay import profile
 from optax_bema._replay import replay
-from optax_bema._replay import uniform_profile
-from optax_bema._stabilizers import BemaState
-from optax_bema._stabilizers import DemaState
-from optax_bema._stabilizers import EmaState
-from optax_bema._stabilizers import OuemaState
 from optax_bema._stabilizers import bema
 from optax_bema._stabilizers import dema
 from optax_bema._stabilizers import ema
@@ -34,6 +32,8 @@ from optax_bema._stabilizers import ouema
 from optax_bema._stabilizers import power_ema
 from optax_bema._synthesis import Synthesized
 from optax_bema._synthesis import synthesize
+from optax_bema._targets import profile
+from optax_bema._targets import uniform_profile
 
 __version__ = '0.1.0'
 

@@ -3,8 +3,9 @@
 The iterate theta_t = params + updates, the burn-in, the update steps and
 the weights (read from the stabilizer's ``_schedule.Schedule``), the
 non-finite guard, and where the state lives. A stabilizer contributes a
-:class:`Rule`: its state class, a short sequence of named field updates, and
-its profile (its model as weights on the iterates, ``_profiles``).
+:class:`Rule` (``_kinds``): its state class, a short sequence of named field
+updates, its readout and its profile (its model as weights on the iterates,
+``_profiles``).
 """
 
 from __future__ import annotations
@@ -55,26 +56,35 @@ class Field(NamedTuple):
 
 
 class Rule(NamedTuple):
-  """What one stabilizer adds to the engine.
+  """One kind of average: everything the library knows of it.
 
   Attributes:
-    name: the public name, for error messages and saved states.
+    name: the public name (its factory's), for errors and saved states.
     state_cls: its NamedTuple state: ``count``, ``nonfinite_count``, then its
       fields.
     averages: its parameter-sized fields; a burn-in step sets each to theta_t.
     update: the field updates of an update step, applied in order: each sees
       the state with the fields before it already updated (DEMA's second EMA
       averages the new first one).
+    readout: its model, ``readout(state, params)``, in the state's dtypes.
     profile: its model as weights on the iterates: a function of the
       schedule and the steps at which the model is wanted (``_profiles``).
+    settings: the schedule's settings it reads; each must be a number.
+    check: its own checks of a schedule beyond the family's, or None.
     scalars: its scalar fields and their values at init and after a burn-in.
+    every_step: a leaner rule for the same kind when it updates every step,
+      or None.
   """
   name: str
   state_cls: type
   averages: tuple[str, ...]
   update: tuple[Field, ...]
+  readout: Callable[[Any, Any], Any]
   profile: Callable[..., Any]
+  settings: tuple[str, ...] = ('update_after', 'update_freq')
+  check: Optional[Callable[[Schedule], None]] = None
   scalars: tuple[tuple[str, float], ...] = ()
+  every_step: Optional['Rule'] = None
 
 
 class Stabilizer(optax.GradientTransformationExtraArgs):
@@ -96,13 +106,17 @@ class Stabilizer(optax.GradientTransformationExtraArgs):
 def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
                offload_to_host=False) -> Stabilizer:
   """The transform: schedule, predicate and guard around ``rule``."""
-  schedule.check(rule.name)
-  place = OnHost if offload_to_host else OnDevice
-  update_after, update_freq = schedule.update_after, schedule.update_freq
+  schedule.check(rule.name, rule.settings)
+  if rule.check is not None:
+    rule.check(schedule)
   # An update every step needs no branch: one fused, masked pass.
-  every_step = _static_equal(update_freq, 1)
+  every_step = schedule.every_step
+  if every_step and rule.every_step is not None:
+    rule = rule.every_step
+  place = OnHost if offload_to_host else OnDevice
+  update_after = schedule.update_after
   # Without a burn-in its branch would never be taken; don't build it.
-  has_burn_in = not _static_equal(update_after, 0)
+  has_burn_in = not (_checks.is_static(update_after) and update_after == 0)
   reset = tuple(Field(n) for n in rule.averages) + tuple(
       Field(n, lambda w, theta, s, v=v:  # type: ignore[misc]
             jnp.asarray(v, SCALAR_DTYPE))
@@ -190,8 +204,3 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   transform.rule = rule
   transform.schedule = schedule
   return transform
-
-
-def _static_equal(value, number) -> bool:
-  """Whether ``value`` is known at construction to equal ``number``."""
-  return _checks.is_static(value) and value == number

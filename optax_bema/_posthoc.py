@@ -1,130 +1,23 @@
-"""Choosing the average after training: several averages in one pass, what
-a saved state says it holds, what to track (:func:`posthoc_ema`) and when to
-save it (:func:`snapshot_steps`). Replay is ``_replay``'s, synthesis
-``_synthesis``'s.
+"""What to track for choosing after training (:func:`posthoc_ema`) and when
+to save it (:func:`snapshot_steps`).
 """
 
 from __future__ import annotations
 
-import json
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_bema import _averages
 from optax_bema import _checks
-from optax_bema import _engine
-from optax_bema import _replay
-from optax_bema import _schedule
 from optax_bema import _stabilizers
-from optax_bema import _tree
 
-# What a saved state's record of a member looks like; bump on any change.
-FORMAT_VERSION = 1
 # Chosen, with snapshot_steps' placement, by the rule of
 # benchmarks/synthetic/posthoc_long_runs.py.
 DEFAULT_POSTHOC_POWERS = (0.25, 0.5, 0.75, 0.95)
 DEFAULT_POSTHOC_STDS: tuple[float, ...] = ()
-
-
-class AveragesState(NamedTuple):
-  """State of :func:`averages`: each member's state, and what it computes.
-
-  ``settings[name]`` records the member as UTF-8 JSON bytes (a uint8
-  array): ``{"format": 1, "kind": "ema", "settings": {"ema_power": 0.5,
-  ...}}``, the member's kind and its schedule by name, so that a saved
-  state alone says which average each member is (:func:`synthesize` reads
-  it). Bytes, not floats: a checkpoint cast to bfloat16 keeps them exact.
-  """
-  members: dict
-  settings: dict
-
-
-def encode(member: _engine.Stabilizer) -> jax.Array:
-  """The record of a member, as saved in :class:`AveragesState`."""
-  settings = {k: (int(v) if k.startswith('update_') else float(v))
-              for k, v in member.schedule.settings().items()}
-  text = json.dumps(dict(format=FORMAT_VERSION, kind=member.kind,
-                         settings=settings), sort_keys=True)
-  return jnp.asarray(np.frombuffer(text.encode(), np.uint8))
-
-
-def decode(record, where: str) -> tuple[_engine.Rule, _schedule.Schedule]:
-  """The rule and schedule a saved record names; ``ValueError`` if the
-  record is not one this version can read exactly."""
-  raw = np.asarray(record)
-  try:
-    if raw.ndim != 1 or not np.array_equal(raw, np.round(raw)):
-      raise ValueError('not whole bytes')
-    data = json.loads(bytes(raw.astype(np.uint8)).decode())
-    version, kind = data['format'], data['kind']
-    settings = data['settings']
-  except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
-    raise ValueError(
-        f'{where}: the saved record of this average cannot be read ({e}); '
-        'it was not written by optax_bema.averages, or was altered (e.g. '
-        'cast to another dtype as floats).') from None
-  if version != FORMAT_VERSION or kind not in _stabilizers.RULES:
-    raise ValueError(
-        f'{where}: a record of format {version!r}, kind {kind!r}; this '
-        f'version of optax_bema reads format {FORMAT_VERSION} of the kinds '
-        f'{sorted(_stabilizers.RULES)}. Upgrade optax_bema to read it.')
-  return _stabilizers.RULES[kind], _schedule.from_settings(settings)
-
-
-def averages(**members: _engine.Stabilizer
-             ) -> optax.GradientTransformationExtraArgs:
-  """Several named stabilizers in one transform, all fed the same iterate.
-
-  Goes last in the chain, like one stabilizer; each member sees exactly what
-  it would see alone, and the iterate theta_t = params + updates is the same
-  array for all (XLA computes it, and the non-finite test, once). Read a
-  member with ``optax_bema.averaged_params(opt_state, params, name=...)``.
-
-  Args:
-    **members: the stabilizers by name, e.g. ``ema=optax_bema.ema(...)``.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose update returns its
-    input updates unchanged; its state is an :class:`AveragesState`.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax, optax_bema
-    >>> tx = optax.chain(optax.sgd(0.1), optax_bema.averages(
-    ...     ema=optax_bema.ema(update_freq=1),
-    ...     bema=optax_bema.bema(update_freq=1)))
-    >>> params = jnp.ones(3)
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update(jnp.ones(3), state, params)
-    >>> params = optax.apply_updates(params, updates)
-    >>> optax_bema.averaged_params(state, params, name='bema').shape
-    (3,)
-  """
-  if not members:
-    raise ValueError('averages: give at least one stabilizer, e.g. '
-                     'averages(ema=optax_bema.ema()).')
-  for name, member in members.items():
-    _replay.require_stabilizer(member, 'averages', f'member {name!r}')
-  records = {k: encode(m) for k, m in members.items()}
-
-  def init_fn(params):
-    return AveragesState(
-        members={k: m.init(params) for k, m in members.items()},
-        settings={k: jnp.array(r) for k, r in records.items()})
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    _tree.require_params(params, 'averages')
-    # One test of theta_t for every member that updates on every step.
-    finite = _tree.all_finite(_tree.as_accumulator(
-        optax.apply_updates(params, updates), None))
-    return updates, state._replace(members={
-        k: m.update_given_finite(updates, state.members[k], params, finite)[1]
-        for k, m in members.items()})
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
@@ -203,7 +96,8 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
     raise ValueError(f'posthoc_ema: ema_powers and stds must be distinct, '
                      f'and track at least one average; got ema_powers='
                      f'{ema_powers}, stds={stds}.')
-  return averages(**members, initial=_stabilizers.initial_params(**shared))
+  return _averages.averages(
+      **members, initial=_stabilizers.initial_params(**shared))
 
 
 # The fraction of snapshots placed near the end: chosen, with the tracked

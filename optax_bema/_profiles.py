@@ -206,70 +206,21 @@ def dense(columns: Columns, i: int = -1) -> np.ndarray:
   return w[:int(columns.ends[i]) + 1]
 
 
-def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
-             ) -> np.ndarray:
-  r"""Least-squares coefficients from inner products alone.
-
-  Solves :math:`\min_x \|B^\top x - w\|^2 + \lambda^2 \|D x\|^2` given
-  ``gram`` :math:`= B B^\top` and ``rhs`` :math:`= B w` (one column per
-  target), D the basis rows' norms and :math:`\lambda` = ``ridge`` times
-  the largest singular value of the row-normalised basis. The rows are
-  scaled to unit norm first (unit vectors and long, flat averages differ in
-  norm by orders of magnitude), then the eigendecomposition of the scaled
-  Gram matrix gives the solution. Directions below float64's resolution of
-  that matrix get no weight.
-
-  Snapshots of one average at nearby steps, or of averages of similar
-  width, are nearly collinear: exact least squares may need large
-  coefficients of alternating sign, and the synthesized model, a sum of that
-  many stored arrays, multiplies their rounding error by the coefficients'
-  size. The ridge damps only the directions whose singular values fall
-  below it, which the arrays' rounding hides anyway, so it should be about
-  their relative precision: 1e-4 suits float32 averages accumulated over
-  long runs, about 1e-3 bfloat16 snapshots.
-  """
-  norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
-  norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way
-  scaled = gram / np.outer(norms, norms)
-  s2, v = np.linalg.eigh(scaled)
-  top = max(float(s2[-1]), 0.0)
-  lam2 = (ridge ** 2) * top
-  kept = s2 > top * np.finfo(np.float64).eps * 4 * len(s2)
-  gain = np.where(kept, 1.0 / np.where(kept, s2 + lam2, 1.0), 0.0)
-  solved = v @ (gain[:, None] * (v.T @ (rhs / norms[:, None])))
-  return solved / norms[:, None]
+def select(columns: Columns, keep) -> Columns:
+  """The columns ``keep`` of ``columns``."""
+  keep = list(keep)
+  column, step, weight = columns.points
+  mask = np.isin(column, keep)
+  renumber = {old: new for new, old in enumerate(keep)}
+  return columns._replace(
+      coef=columns.coef[keep],
+      points=(np.array([renumber[c] for c in column[mask]], np.int64),
+              step[mask], weight[mask]))
 
 
-def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6):
-  """:func:`fit_gram` for dense profiles: ``(coefficients, residual)``.
-
-  ``basis`` holds one profile per row, ``target`` one profile or several
-  as rows; the residual is ||basis.T @ x - target|| / ||target||, per
-  target.
-
-  Examples:
-    BEMA is its EMA plus alpha_T (theta_T - theta_0), so it is synthesized
-    exactly from that EMA, theta_T and theta_0 (alpha_100 = 110 ** -0.2):
-
-    >>> import numpy as np
-    >>> from optax_bema import _profiles
-    >>> from optax_bema._schedule import Schedule
-    >>> s = Schedule(ema_power=0.5, bias_power=0.2)
-    >>> ends = np.array([100])
-    >>> basis = np.stack([_profiles.dense(_profiles.ema(s, ends)),
-    ...                   np.eye(101)[100], np.eye(101)[0]])
-    >>> x, residual = _profiles.fit(
-    ...     _profiles.dense(_profiles.bema(s, ends)), basis)
-    >>> np.round(x, 4).tolist(), bool(residual < 1e-6)
-    ([1.0, 0.3906, -0.3906], True)
-  """
-  basis = np.atleast_2d(np.asarray(basis, np.float64))
-  target = np.asarray(target, np.float64)
-  if target.shape[-1] != basis.shape[1]:
-    raise ValueError(f'fit: target has length {target.shape[-1]} but the '
-                     f'basis profiles have length {basis.shape[1]}.')
-  targets = np.atleast_2d(target)
-  x = fit_gram(basis @ basis.T, basis @ targets.T, ridge=ridge).T
-  residual = (np.linalg.norm(x @ basis - targets, axis=-1)
-              / np.linalg.norm(targets, axis=-1))
-  return (x, residual) if target.ndim == 2 else (x[0], residual[0])
+def units(ends) -> Columns:
+  """theta_s at each snapshot step: unit vectors, points alone."""
+  n = len(ends)
+  return Columns(ends, np.zeros((0, int(ends[-1]) + 1)),
+                           np.zeros((n, n, 0)),
+                           (np.arange(n), ends.copy(), np.ones(n)))

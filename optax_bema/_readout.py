@@ -1,47 +1,16 @@
 """The model to return: :func:`averaged_params`, a plain table from state class
-to readout."""
+to readout (each kind's own, and PACE's)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import optax
-
+from optax_bema import _kinds
 from optax_bema import _pace
-from optax_bema import _stabilizers
 from optax_bema import _tree
-from optax_bema._placement import like_sharding
 from optax_bema._placement import to_device
 
-
-def _bema(state, params):
-  """alpha (theta - theta_0) + ema, theta from the last update step.
-
-  With ``update_freq=1`` theta is the current params; when those are not all
-  finite (training diverged) the correction is dropped and the EMA, finite
-  by the engine's guard, is returned.
-  """
-  anchor = state.last_iterate
-  if anchor is None:
-    current = jax.tree.map(
-        lambda p, e: e if isinstance(e, optax.MaskedNode)
-        else like_sharding(jnp.asarray(p, e.dtype), e), params, state.ema)
-    anchor = optax.tree.where(_tree.all_finite(current), current,
-                              state.initial_params)
-  return jax.tree.map(
-      lambda x, x0, e: state.bias_weight.astype(e.dtype) * (x - x0) + e,
-      anchor, state.initial_params, state.ema)
-
-
-_READOUTS = {
-    _stabilizers.EmaState: lambda state, params: state.ema,
-    _stabilizers.BemaState: _bema,
-    _stabilizers.DemaState: lambda state, params: jax.tree.map(
-        lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
-    _stabilizers.OuemaState: lambda state, params: state.ema,
-    _stabilizers.InitialState: lambda state, params: state.initial_params,
-    _pace.PaceState: lambda state, params: state.ema,
-}
+# Each kind's readout, and PACE's: its EMA.
+_READOUTS = {**_kinds.READOUTS,
+             _pace.PaceState: lambda state, params: state.ema}
 
 
 def averaged_params(opt_state, params, name=None):

@@ -81,9 +81,24 @@ class Schedule:
   _POWER_LAW = ('ema_power', 'lag', 'multiplier', 'min_ema_multiplier')
   _BIAS = ('bias_power', 'bias_multiplier')
 
+  # Settings counted in steps: integers in a saved record.
+  STEPS = ('update_after', 'update_freq')
+
   @property
   def gamma(self) -> float:
     return gamma_from_std(self.std)
+
+  @property
+  def every_step(self) -> bool:
+    """Whether it is known when built that every step updates (a step then
+    needs no branch, and BEMA no copy of theta)."""
+    return _checks.is_static(self.update_freq) and self.update_freq == 1
+
+  def record(self) -> dict:
+    """:meth:`settings` as plain Python numbers: ints for the settings
+    counted in steps, floats for the others."""
+    return {k: int(v) if k in self.STEPS else float(v)
+            for k, v in self.settings().items()}
 
   def settings(self) -> dict:
     """The settings the weights depend on, by name (what a checkpoint
@@ -97,11 +112,12 @@ class Schedule:
       names += self._BIAS
     return {n: getattr(self, n) for n in names}
 
-  def check(self, transform: str):
-    """Raises ``TypeError`` for a setting that is not a number and
-    ``ValueError`` for settings that give no average."""
-    for name, value in self.settings().items():
-      _checks.require_number(transform, name, value)
+  def check(self, transform: str, required=()):
+    """Raises ``TypeError`` for a setting that is not a number (those in
+    ``required`` and those :meth:`settings` names) and ``ValueError`` for
+    settings that give no average."""
+    for name in dict.fromkeys((*required, *self.settings())):
+      _checks.require_number(transform, name, getattr(self, name))
     _checks.check_schedule(transform, update_after=self.update_after,
                            update_freq=self.update_freq)
     if self.std is not None:

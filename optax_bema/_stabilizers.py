@@ -1,78 +1,25 @@
-"""EMA, BEMA, DEMA and OUEMA (the BEMA paper) and EDM2's power-function EMA.
+"""The stabilizers' factories: EMA, BEMA, DEMA and OUEMA (the BEMA paper) and
+EDM2's power-function EMA.
 
-Each is a :class:`~optax_bema._engine.Rule` for the shared engine: its state,
-the named field updates of an update step and its profile. Its factory's
-arguments make its :class:`~optax_bema._schedule.Schedule`; the weights, the
-update steps, the burn-in, the non-finite guard and where the state lives
-are the engine's.
-
-Adding a kind: its state class, its ``Rule`` (field updates and a profile
-function in ``_profiles``, in segment form), an entry in ``RULES`` and its
-factory. A new family of weights is one branch of ``Schedule.beta``. The
-power-function EMA took EMA's rule under its own name, the ``std`` setting
-and its branch in ``Schedule``, and its factory.
+Each factory makes its kind's :class:`~optax_bema._schedule.Schedule` from
+its arguments, by name, and hands it with the kind's rule (``_kinds``) to
+the engine; the weights, the update steps, the burn-in, the non-finite guard
+and where the state lives are the engine's.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from optax_bema import _checks
 from optax_bema import _engine
-from optax_bema import _profiles
-from optax_bema import _tree
+from optax_bema import _kinds
 from optax_bema._schedule import Schedule
 
 
-class EmaState(NamedTuple):
-  """State of :func:`ema`: one parameter-sized copy."""
-  count: jax.Array  # type: ignore[assignment]  # steps seen, int32, saturating
-  nonfinite_count: jax.Array  # update steps skipped for a non-finite iterate
-  ema: optax.Params
-
-
-class BemaState(NamedTuple):
-  """State of :func:`bema`.
-
-  ``last_iterate`` is theta at the last update step; it is ``None`` when
-  ``update_freq=1``, where the current params are that iterate.
-  """
-  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
-  nonfinite_count: jax.Array
-  initial_params: optax.Params       # theta_0
-  ema: optax.Params
-  bias_weight: jax.Array             # alpha at the last update step
-  last_iterate: Optional[optax.Params] = None
-
-
-class DemaState(NamedTuple):
-  """State of :func:`dema`: two parameter-sized copies."""
-  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
-  nonfinite_count: jax.Array
-  ema: optax.Params
-  ema_of_ema: optax.Params
-
-
-class OuemaState(NamedTuple):
-  """State of :func:`ouema`: two parameter-sized copies."""
-  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
-  nonfinite_count: jax.Array
-  initial_params: optax.Params  # theta_0
-  ema: optax.Params
-
-
-class InitialState(NamedTuple):
-  """State of the theta_0 holder inside :func:`optax_bema.posthoc_ema`."""
-  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
-  nonfinite_count: jax.Array
-  initial_params: optax.Params  # theta_0 (the last burn-in step's weights)
-
-
-def initial_params(update_after: int = 0,
+def initial_params(*, update_after: int = 0,
                    accumulator_dtype: Optional[jnp.dtype] = None,
                    offload_to_host: bool = False) -> _engine.Stabilizer:
   """Keeps theta_0, the weights at init or at the end of the burn-in.
@@ -80,78 +27,14 @@ def initial_params(update_after: int = 0,
   The post-hoc tools need theta_0 exactly (BEMA and OUEMA weigh it); this
   holds it and changes nothing else. Its model is theta_0.
   """
-  return _build(INITIAL, locals(), update_freq=1)
+  return _engine.stabilizer(
+      _kinds.INITIAL, Schedule(update_after=update_after, update_freq=1),
+      accumulator_dtype=accumulator_dtype, offload_to_host=offload_to_host)
 
 
-def _build(rule: _engine.Rule, args: dict, **more) -> _engine.Stabilizer:
-  """The stabilizer of ``rule`` from its factory's arguments ``args``
-  (``locals()`` on entry): its schedule's settings, and where its state
-  lives."""
-  settings = {**args, **more}
-  placement = {k: settings.pop(k)
-               for k in ('accumulator_dtype', 'offload_to_host')}
-  for name, value in settings.items():
-    if value is None and name != 'bias_multiplier':  # None: multiplier's
-      _checks.require_number(rule.name, name, value)
-  return _engine.stabilizer(rule, Schedule(**settings), **placement)
-
-
-def _ema_field(name='ema', source=None) -> _engine.Field:
-  """``name <- (1 - beta) name + beta x``, x theta_t or another field."""
-  def new(w, theta, s):
-    x = theta if source is None else getattr(s, source)
-    return _tree.ema_tree(w.beta, getattr(s, name), x)
-  return _engine.Field(name, new)
-
-
-def _debiased_ema(w, theta, s):
-  """OUEMA's field: the EMA of (theta_t - p_t theta_0) / (1 - p_t)."""
-  p = w.schedule.ou_weight(w.t, jnp)
-  x = jax.tree.map(
-      lambda x, x0: (x - p.astype(x.dtype) * x0) / (1 - p.astype(x.dtype)),
-      theta, s.initial_params)
-  return _tree.ema_tree(w.beta, s.ema, x)
-
-
-EMA = _engine.Rule(name='ema', state_cls=EmaState, averages=('ema',),
-                   update=(_ema_field(),), profile=_profiles.ema)
-# EDM2's power-function EMA: EMA's rule, with power-function weights.
-POWER_EMA = EMA._replace(name='power_ema')
-DEMA = _engine.Rule(
-    name='dema', state_cls=DemaState, averages=('ema', 'ema_of_ema'),
-    update=(_ema_field(), _ema_field('ema_of_ema', source='ema')),
-    profile=_profiles.dema)
-OUEMA = _engine.Rule(name='ouema', state_cls=OuemaState,
-                     averages=('initial_params', 'ema'),
-                     update=(_engine.Field('ema', _debiased_ema),),
-                     profile=_profiles.ouema)
-INITIAL = _engine.Rule(name='initial', state_cls=InitialState,
-                       averages=('initial_params',), update=(),
-                       profile=_profiles.initial)
-
-
-def _bema_rule(reads_params: bool) -> _engine.Rule:
-  """BEMA keeps theta at the last update step, unless it updates every step:
-  then the current params are that theta."""
-  update: tuple[_engine.Field, ...] = (
-      _ema_field(), _engine.Field('bias_weight', lambda w, theta, s: w.alpha))
-  if not reads_params:
-    update += (_engine.Field('last_iterate'),)
-  return _engine.Rule(
-      name='bema', state_cls=BemaState, update=update,
-      averages=('initial_params', 'ema') + (
-          () if reads_params else ('last_iterate',)),
-      profile=_profiles.bema, scalars=(('bias_weight', 0.0),))
-
-
-# Every kind, by name: what a saved state of optax_bema.averages may name.
-RULES = {r.name: r for r in (EMA, POWER_EMA, DEMA, OUEMA, INITIAL,
-                             _bema_rule(reads_params=False))}
-
-
-def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
-        update_after: int = 0, update_freq: int = 400,
-        min_ema_multiplier: float = 0.0,
+def ema(*, ema_power: float = 0.5, lag: float = 10.0,
+        multiplier: float = 1.0, update_after: int = 0,
+        update_freq: int = 400, min_ema_multiplier: float = 0.0,
         accumulator_dtype: Optional[jnp.dtype] = None,
         offload_to_host: bool = False,
         ) -> optax.GradientTransformationExtraArgs:
@@ -164,7 +47,11 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     \bar\theta \leftarrow (1 - \beta_t) \bar\theta + \beta_t \theta_t,
 
   and the returned model is :math:`\bar\theta`. This is :func:`bema` with
-  ``bias_power = inf``. State: one parameter-sized copy.
+  ``bias_power = inf``. State: one parameter-sized copy (an
+  :class:`EmaState`).
+
+  Not ``optax.ema``, which averages the *updates* (a momentum inside an
+  optimizer): this averages the *weights*, and goes last in the chain.
 
   An update step whose iterate has a non-finite element is skipped (the
   average keeps its last finite value) and counted in the state's
@@ -209,15 +96,21 @@ def ema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
     1 with the bias correction off; defaults from its Table 2).
   """
-  return _build(EMA, locals())
+  schedule = Schedule(
+      ema_power=ema_power, lag=lag, multiplier=multiplier,
+      update_after=update_after, update_freq=update_freq,
+      min_ema_multiplier=min_ema_multiplier)
+  return _engine.stabilizer(_kinds.EMA, schedule,
+                            accumulator_dtype=accumulator_dtype,
+                            offload_to_host=offload_to_host)
 
 
-def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
+def bema(*, ema_power: float = 0.5, bias_power: float = 0.2,
+         bias_multiplier: Optional[float] = None, lag: float = 10.0,
          multiplier: float = 1.0, update_after: int = 0,
          update_freq: int = 400, min_ema_multiplier: float = 0.0,
          accumulator_dtype: Optional[jnp.dtype] = None,
          offload_to_host: bool = False,
-         bias_multiplier: Optional[float] = None,
          ) -> optax.GradientTransformationExtraArgs:
   r"""Bias-corrected EMA: EMA's variance reduction without its lag.
 
@@ -243,6 +136,12 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     ema_power: kappa, the power of the EMA weight beta_t.
     bias_power: eta, the power of the bias-correction weight alpha_t;
       ``inf`` turns the correction off (then this is :func:`ema`).
+    bias_multiplier: gamma_alpha, the step's factor in alpha_t's base; by
+      default ``multiplier``. A separate value lets alpha_t and beta_t decay
+      on different clocks, e.g. the BEMA paper's theory-matched setting for
+      SGD with step eta on curvature a: ``ema_power=1, lag=0,
+      multiplier=1`` (beta_t = 1/t, the running mean) and ``bias_power=1,
+      bias_multiplier=eta * a`` (alpha_t = 1 / (eta a t)).
     lag: rho, the offset in the weights' base (lag + multiplier * t).
     multiplier: gamma, the step's factor in that base.
     update_after: tau, the burn-in: until step ``update_after`` theta_0, the
@@ -256,12 +155,6 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     offload_to_host: keep the parameter-sized state in host memory
       (``memory_kind="pinned_host"``, shardings kept) and move it to the
       accelerator only on update steps, as the BEMA paper does.
-    bias_multiplier: gamma_alpha, the step's factor in alpha_t's base; by
-      default ``multiplier``. A separate value lets alpha_t and beta_t decay
-      on different clocks, e.g. the BEMA paper's theory-matched setting for
-      SGD with step eta on curvature a: ``ema_power=1, lag=0,
-      multiplier=1`` (beta_t = 1/t, the running mean) and ``bias_power=1,
-      bias_multiplier=eta * a`` (alpha_t = 1 / (eta a t)).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -291,14 +184,19 @@ def bema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Algorithm
     1; defaults from its Table 2).
   """
-  args = locals()
-  reads_params = _checks.is_static(update_freq) and update_freq == 1
-  return _build(_bema_rule(reads_params), args)
+  schedule = Schedule(
+      ema_power=ema_power, bias_power=bias_power,
+      bias_multiplier=bias_multiplier, lag=lag, multiplier=multiplier,
+      update_after=update_after, update_freq=update_freq,
+      min_ema_multiplier=min_ema_multiplier)
+  return _engine.stabilizer(_kinds.BEMA, schedule,
+                            accumulator_dtype=accumulator_dtype,
+                            offload_to_host=offload_to_host)
 
 
-def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
-         update_after: int = 0, update_freq: int = 400,
-         min_ema_multiplier: float = 0.0,
+def dema(*, ema_power: float = 0.5, lag: float = 10.0,
+         multiplier: float = 1.0, update_after: int = 0,
+         update_freq: int = 400, min_ema_multiplier: float = 0.0,
          accumulator_dtype: Optional[jnp.dtype] = None,
          offload_to_host: bool = False,
          ) -> optax.GradientTransformationExtraArgs:
@@ -350,15 +248,21 @@ def dema(ema_power: float = 0.5, lag: float = 10.0, multiplier: float = 1.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Appendix
     C, the double EMA baseline).
   """
-  return _build(DEMA, locals())
+  schedule = Schedule(
+      ema_power=ema_power, lag=lag, multiplier=multiplier,
+      update_after=update_after, update_freq=update_freq,
+      min_ema_multiplier=min_ema_multiplier)
+  return _engine.stabilizer(_kinds.DEMA, schedule,
+                            accumulator_dtype=accumulator_dtype,
+                            offload_to_host=offload_to_host)
 
 
-def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
+def ouema(*, ema_power: float = 0.5, bias_power: float = 0.2,
+          bias_multiplier: Optional[float] = None, lag: float = 10.0,
           multiplier: float = 1.0, update_after: int = 0,
           update_freq: int = 400, min_ema_multiplier: float = 0.0,
           accumulator_dtype: Optional[jnp.dtype] = None,
           offload_to_host: bool = False,
-          bias_multiplier: Optional[float] = None,
           ) -> optax.GradientTransformationExtraArgs:
   r"""Ornstein-Uhlenbeck EMA: averages iterates debiased toward theta_0.
 
@@ -377,6 +281,8 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     ema_power: kappa, the power of the EMA weight beta_t.
     bias_power: eta, the power of p_t; must be > 0, and the multiplier in
       its base > 0, so that p_t < 1.
+    bias_multiplier: gamma_alpha, the step's factor in p_t's base; by default
+      ``multiplier``.
     lag: rho, the offset in the EMA weight's base (lag + multiplier * t).
     multiplier: gamma, the step's factor in both bases.
     update_after: tau, the burn-in: until step ``update_after`` theta_0 and
@@ -388,8 +294,6 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
       bfloat16/float16 weights and the weights' own dtype otherwise.
     offload_to_host: keep the state's copies in host memory between update
       steps.
-    bias_multiplier: gamma_alpha, the step's factor in p_t's base; by default
-      ``multiplier``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -414,15 +318,17 @@ def ouema(ema_power: float = 0.5, bias_power: float = 0.2, lag: float = 10.0,
     Averaging Schemes <https://arxiv.org/abs/2508.00180>`_, 2025 (Section 3
     and Appendix C: the OU-model estimator).
   """
-  transform = _build(OUEMA, locals())
-  for name in ('bias_power', 'bias_multiplier'):
-    _checks.check('ouema', name, getattr(transform.schedule, name),
-                  lambda v: v > 0, 'be > 0 (p_t = (1 + bias_multiplier t) '
-                  '** -bias_power must stay below 1)')
-  return transform
+  schedule = Schedule(
+      ema_power=ema_power, bias_power=bias_power,
+      bias_multiplier=bias_multiplier, lag=lag, multiplier=multiplier,
+      update_after=update_after, update_freq=update_freq,
+      min_ema_multiplier=min_ema_multiplier)
+  return _engine.stabilizer(_kinds.OUEMA, schedule,
+                            accumulator_dtype=accumulator_dtype,
+                            offload_to_host=offload_to_host)
 
 
-def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
+def power_ema(std: float, *, update_after: int = 0, update_freq: int = 1,
               accumulator_dtype: Optional[jnp.dtype] = None,
               offload_to_host: bool = False,
               ) -> optax.GradientTransformationExtraArgs:
@@ -489,4 +395,8 @@ def power_ema(std: float, update_after: int = 0, update_freq: int = 1,
     Diffusion Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2,
     Section 3 and Appendix C).
   """
-  return _build(POWER_EMA, locals())
+  schedule = Schedule(std=std, update_after=update_after,
+                      update_freq=update_freq)
+  return _engine.stabilizer(_kinds.POWER_EMA, schedule,
+                            accumulator_dtype=accumulator_dtype,
+                            offload_to_host=offload_to_host)

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_bema import _engine
-from optax_bema import _posthoc
+from optax_bema import _averages
+from optax_bema import _fit
 from optax_bema import _profiles
 from optax_bema import _readout
-from optax_bema import _replay
+from optax_bema import _snapshots
+from optax_bema import _targets
 from optax_bema import _tree
 
 
@@ -91,7 +92,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
     TypeError: a target that is neither a stabilizer nor a profile, or a
       one-shot iterator.
   """
-  single, targets = _replay.as_targets(target, 'synthesize')
+  single, targets = _targets.as_targets(target, 'synthesize')
   if (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
       or not math.isfinite(ridge) or ridge < 0):
     raise ValueError(f'synthesize: ridge must be a finite number >= 0, got '
@@ -108,12 +109,12 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
   for name, (rule, schedule, _) in members.items():
     columns = rule.profile(schedule, ends)
     keep = [len(ends) - 1] if rule.name == 'initial' else range(len(ends))
-    basis.append(_select(columns, keep))
+    basis.append(_profiles.select(columns, keep))
     sources += [(i, name) for i in keep]
-  basis.append(_units(ends))
+  basis.append(_profiles.units(ends))
   sources += [(i, None) for i in range(len(ends))]
-  wanted = [_target_columns(targets[k], ends) for k in names]
-  coefficients, residuals = _fit(basis, wanted, ridge)
+  wanted = [_targets.columns(targets[k], ends) for k in names]
+  coefficients, residuals = _fit.solve(basis, wanted, ridge)
   models = _combine(snapshots, first, sources, coefficients)
   params = first[-1].params_like
   out = {k: _tree.cast_like_params(m, params) for k, m in zip(names, models)}
@@ -147,7 +148,7 @@ def _read(snapshots) -> list[_Snapshot]:
 
 
 def _snapshot(opt_state, params, layout, last) -> _Snapshot:
-  members = _tracked(opt_state)
+  members = _averages.tracked(opt_state, 'synthesize')
   counts = {k: _whole(state.count, k) for k, (_, _, state)
             in members.items()}
   step = max(counts.values())
@@ -160,7 +161,7 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
     raise ValueError(f'synthesize: the averages skipped non-finite iterates '
                      f'({skipped} by step {step}); their profiles are not '
                      'the nominal ones, so no synthesis can be trusted.')
-  layout = _replay.check_next(layout, params, last, step, 'synthesize')
+  layout = _snapshots.check_next(layout, params, last, step, 'synthesize')
   for k, (rule, _, state) in members.items():
     for field in rule.averages:
       if getattr(state, field) is not None:
@@ -168,9 +169,9 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
             getattr(state, field), params,
             f'synthesize: the average {k!r} at step {step} ({field})')
   models = {k: _readout.model(s, params) for k, (_, _, s) in members.items()}
-  _replay.require_finite(params, f'synthesize: the params at step {step}')
+  _snapshots.require_finite(params, f'synthesize: the params at step {step}')
   for k, model in models.items():
-    _replay.require_finite(
+    _snapshots.require_finite(
         model, f'synthesize: the values of the average {k!r} at step {step}')
   return _Snapshot(step, members, layout, _checksum(params, members), params)
 
@@ -226,120 +227,6 @@ def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
           'different runs cannot be combined.')
 
 
-def _is_averages(x) -> bool:
-  return isinstance(x, _posthoc.AveragesState) or (
-      isinstance(x, dict) and set(x) == {'members', 'settings'})
-
-
-def _tracked(opt_state) -> dict:
-  """``{name: (rule, schedule, state)}`` of the one averages state a
-  snapshot holds, restored with or without a target."""
-  leaves = jax.tree.leaves(opt_state, is_leaf=_is_averages)
-  found = [x for x in leaves if _is_averages(x)]
-  if len(found) != 1:
-    holds = 'no averages state' if not found else (
-        f'{len(found)} averages states')
-    raise ValueError(
-        f'synthesize: a snapshot\'s optimizer state holds {holds}; it must '
-        'hold one. Train with optax_bema.posthoc_ema() (or '
-        'optax_bema.averages(...)) last in the chain, and save the '
-        'optimizer state, or just that state, with the params.')
-  state = found[0]
-  members, settings = ((state.members, state.settings)
-                       if isinstance(state, _posthoc.AveragesState)
-                       else (state['members'], state['settings']))
-  out = {}
-  for name, record in settings.items():
-    rule, schedule = _posthoc.decode(record, f'synthesize: member {name!r}')
-    member = members[name]
-    if isinstance(member, dict):  # restored without a target
-      fields = rule.state_cls._fields  # type: ignore[attr-defined]
-      member = rule.state_cls(**{f: member.get(f) for f in fields})
-    out[name] = (rule, schedule, member)
-  return out
-
-
-def _select(columns: _profiles.Columns, keep) -> _profiles.Columns:
-  """The columns ``keep`` of ``columns``."""
-  keep = list(keep)
-  column, step, weight = columns.points
-  mask = np.isin(column, keep)
-  renumber = {old: new for new, old in enumerate(keep)}
-  return columns._replace(
-      coef=columns.coef[keep],
-      points=(np.array([renumber[c] for c in column[mask]], np.int64),
-              step[mask], weight[mask]))
-
-
-def _units(ends) -> _profiles.Columns:
-  """theta_s at each snapshot step: unit vectors, points alone."""
-  n = len(ends)
-  return _profiles.Columns(ends, np.zeros((0, int(ends[-1]) + 1)),
-                           np.zeros((n, n, 0)),
-                           (np.arange(n), ends.copy(), np.ones(n)))
-
-
-def _target_columns(target, ends) -> _profiles.Columns:
-  """A target's profile at T, as one column."""
-  if isinstance(target, _engine.Stabilizer):
-    return _select(target.rule.profile(target.schedule, ends),
-                   [len(ends) - 1])
-  w = _replay.check_profile(target, int(ends[-1]), 'synthesize')
-  empty = np.zeros(0, np.int64)
-  return _profiles.Columns(ends, w[None], np.ones((1, len(ends), 1)),
-                           (empty, empty, np.zeros(0)))
-
-
-def _stack(blocks: list[_profiles.Columns]):
-  """Every column of ``blocks`` over one set of families: (families,
-  coef (n, segments, A), points with global column numbers)."""
-  families = np.concatenate([b.families for b in blocks])
-  total = sum(b.coef.shape[0] for b in blocks)
-  coef = np.zeros((total, blocks[0].coef.shape[1], len(families)))
-  points: list = [[], [], []]
-  row = fam = 0
-  for b in blocks:
-    n, _, a = b.coef.shape
-    coef[row:row + n, :, fam:fam + a] = b.coef
-    for k, x in enumerate((b.points[0] + row, b.points[1], b.points[2])):
-      points[k].append(x)
-    row, fam = row + n, fam + a
-  return families, coef, tuple(np.concatenate(p) for p in points)
-
-
-def _fit(basis, wanted, ridge):
-  """Coefficients (targets x basis columns) and each target's relative
-  residual, from the profiles' inner products."""
-  families, coef, (column, step, weight) = _stack(basis + wanted)
-  ends = basis[0].ends
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  gram = np.zeros((coef.shape[0], coef.shape[0]))
-  for j, (a, b) in enumerate(zip(starts, ends + 1)):
-    block = families[:, a:b]
-    c = coef[:, j, :]
-    gram += c @ (block @ block.T) @ c.T
-  # Point masses, against the dense parts and each other.
-  at = np.unique(step)
-  dense_at = np.einsum('cpa,ap->cp', coef[:, np.searchsorted(ends, at), :],
-                       families[:, at])
-  mass = np.zeros((coef.shape[0], len(at)))
-  np.add.at(mass, (column, np.searchsorted(at, step)), weight)
-  gram += mass @ dense_at.T + dense_at @ mass.T + mass @ mass.T
-  n = sum(b.coef.shape[0] for b in basis)
-  x = _profiles.fit_gram(gram[:n, :n], gram[:n, n:], ridge=ridge)
-  residuals = []
-  segment = np.searchsorted(ends, np.arange(families.shape[1]))
-  for t in range(len(wanted)):
-    d = np.concatenate([x[:, t], -np.eye(len(wanted))[t]])
-    per_family = np.einsum('c,cja->ja', d, coef)
-    r = np.zeros(families.shape[1])
-    for a in np.flatnonzero(np.abs(per_family).sum(axis=0)):
-      r += per_family[segment, a] * families[a]
-    np.add.at(r, step, d[column] * weight)
-    residuals.append(np.linalg.norm(r) / math.sqrt(gram[n + t, n + t]))
-  return x.T, residuals
-
-
 def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
   """The second read: each target's weighted sum of the saved arrays, one
   snapshot at a time, checked against the first read."""
@@ -348,7 +235,7 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
   for i, (opt_state, params) in enumerate(snapshots):
     if i >= len(first):
       raise ValueError(_REREAD.format(f'more than {len(first)} snapshots'))
-    members = _tracked(opt_state)
+    members = _averages.tracked(opt_state, 'synthesize')
     if not np.array_equal(_checksum(params, members), first[i].checksum):
       raise ValueError(_REREAD.format(
           f'snapshot {i} (step {first[i].step}) with other contents'))

@@ -41,6 +41,7 @@ gamma from its relative standard deviation ``std`` (:func:`power_exponent`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -108,15 +109,20 @@ def _ouema_update(t, theta, theta0, a, s):
   return dict(e=_ema(a['e'], (theta - p * theta0) / (1 - p), beta(t, s)))
 
 
-def power_exponent(std: float) -> float:
-  """EDM2's gamma for a relative standard deviation std (its Eq. 126).
+def power_std(gamma: float) -> float:
+  """EDM2's Eq. 123: the relative std of the profile (tau / t) ** gamma."""
+  return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
-  The largest real root of gamma^3 + 7 gamma^2 + (16 - std^-2) gamma +
-  (12 - std^-2) = 0; std must lie in (0, sqrt(1/12)).
-  """
-  roots = np.roots([1.0, 7.0, 16.0 - std ** -2, 12.0 - std ** -2])
-  real = roots.real[np.abs(roots.imag) <= 1e-9 * np.abs(roots).max()]
-  return float(real.max())
+
+def power_exponent(std: float) -> float:
+  """EDM2's gamma for a relative standard deviation ``std`` in (0,
+  sqrt(1/12)): Eq. 123 inverted by bisection (it decreases in gamma on
+  gamma > -1), not through Eq. 126's cubic."""
+  low, high = -1 + 1e-12, 1e7
+  for _ in range(200):
+    mid = (low + high) / 2
+    low, high = (mid, high) if power_std(mid) > std else (low, mid)
+  return (low + high) / 2
 
 
 def _power_ema_update(t, theta, theta0, a, s):
@@ -136,16 +142,24 @@ KINDS = {
                  lambda t, theta, theta0, a, s: 2 * a['e1'] - a['e2']),
     'ouema': Kind(STABILIZER_SETTINGS, ('e',), _ouema_update,
                   lambda t, theta, theta0, a, s: a['e']),
-    'power_ema': Kind(dict(std=None, update_after=0, update_freq=1), ('e',),
+    # std: EDM2's wider tracked width where a test gives none.
+    'power_ema': Kind(dict(std=0.1, update_after=0, update_freq=1), ('e',),
                       _power_ema_update,
                       lambda t, theta, theta0, a, s: a['e']),
 }
 
 
+# Every setting some kind reads. A kind ignores the others, so one sweep's
+# settings serve every kind; a misspelt one is still an error.
+_ANY_KIND = set().union(*(k.settings for k in KINDS.values()))
+
+
 def settings_of(kind: str, settings: dict) -> dict:
-  """The kind's settings with defaults filled in; a misspelt one is an
-  error, not silently its default."""
+  """The kind's settings with defaults filled in; a setting no kind reads is
+  an error, not silently its default."""
   defaults = KINDS[kind].settings
+  settings = {k: v for k, v in settings.items()
+              if k in defaults or k not in _ANY_KIND}
   unknown = set(settings) - set(defaults)
   if unknown:
     raise TypeError(f'{kind} has no settings {sorted(unknown)}')

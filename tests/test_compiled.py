@@ -29,7 +29,7 @@ version for reading, and under the recorded jax they would say nothing the
 ratio does not (the denominator is the same optax program).
 
 The step is ``update`` then ``apply_updates``, the transforms built by
-``_catalog.training``. The params are one matrix and one bias
+``catalog.training``. The params are one matrix and one bias
 vector, of dimensions no other array in the program has; more leaves would
 only repeat the same per-leaf code and slow the compiles. The float32 grid
 is repeated under bfloat16 weights for each transform's every-step update,
@@ -60,8 +60,7 @@ import optax
 import pytest
 
 import optax_bema
-
-import _catalog
+from optax_bema import catalog
 
 BASELINE = pathlib.Path(__file__).with_name('compiled_baseline.json')
 BYTES_TOLERANCE = 0.02
@@ -72,7 +71,7 @@ LEARNING_RATE = 1e-3
 def _configs() -> dict[str, tuple[str, str, dict]]:
   """id: (transform name, params dtype, hyperparameters)."""
   out = {}
-  for name in _catalog.STABILIZERS:
+  for name in catalog.STABILIZERS:
     for freq in (1, 400):
       for after in (0, 100):
         for offload in (False, True):
@@ -137,7 +136,7 @@ def adamw_bytes(dtype: str) -> float:
 
 def measure(config: str) -> dict:
   name, dtype, hyperparams = CONFIGS[config]
-  tx = _catalog.training(name, LEARNING_RATE, **hyperparams)
+  tx = catalog.training(name, LEARNING_RATE, **hyperparams)
   compiled = _compile(tx, dtype, hyperparams.get('offload_to_host', False))
   size = bytes_accessed(compiled)
   return dict(copies=parameter_sized_copies(compiled.as_text()),

@@ -14,6 +14,7 @@ their models is checked.
 """
 
 import functools
+import inspect
 import math
 
 import jax
@@ -24,8 +25,8 @@ from optax._src import test_utils
 import pytest
 
 import optax_bema
+from optax_bema import catalog
 
-import _catalog
 import _oracle
 
 LR = 1e-2
@@ -45,6 +46,8 @@ CASES = {
                           ema_power=0.6)),
     'ouema': ('ouema', dict(update_freq=2, update_after=1, lag=3.0,
                             ema_power=0.6, bias_power=0.3)),
+    'power_ema': ('power_ema', dict(std=0.15, update_freq=2,
+                                    update_after=1)),
     'pace': ('pace', dict(pullback=0.4, ema_power=0.3, delay=1.0,
                           update_freq=2)),
     'adaptive_ademamix': ('adaptive_ademamix', dict(
@@ -58,22 +61,33 @@ CASES = {
     'posthoc_ema': ('posthoc_ema', dict(ema_powers=(0.4, 0.8), lag=3.0,
                                         multiplier=0.5, update_after=1)),
 }
-assert {name for name, _ in CASES.values()} == set(_catalog.NAMES)
+assert {name for name, _ in CASES.values()} == set(catalog.NAMES)
 # Those with a model to read out: all but adaptive AdEMAMix.
 AVERAGING = [c for c, (name, _) in CASES.items() if name != 'adaptive_ademamix']
-COMBINED = [c for c, (name, _) in CASES.items() if name in _catalog.COMBINED]
+COMBINED = [c for c, (name, _) in CASES.items() if name in catalog.COMBINED]
+
+
+def test_the_battery_covers_every_exported_transform():
+  """Every factory the package exports that returns a transform is in the
+  catalog, and so in this battery (read from the factories' signatures, so
+  a new export cannot be left out by forgetting it here)."""
+  factories = {
+      name for name in optax_bema.__all__
+      if callable(getattr(optax_bema, name)) and 'GradientTransformation' in
+      str(inspect.signature(getattr(optax_bema, name)).return_annotation)}
+  assert factories == set(catalog.NAMES)
 
 
 def bare(case):
   """The transform itself: an average alone, or an optimizer."""
   name, hp = CASES[case]
-  return _catalog.transform(name, LR, **hp)
+  return catalog.transform(name, LR, **hp)
 
 
 def training(case):
   """What a user trains with: an average goes last after AdamW."""
   name, hp = CASES[case]
-  return _catalog.training(name, LR, **hp)
+  return catalog.training(name, LR, **hp)
 
 
 def models(case, state, params):
@@ -187,10 +201,12 @@ def injected(case):
     # test_posthoc_ema_refuses_injected_settings. Static, they wrap.
     return optax.chain(optax.adamw(LR), optax.inject_hyperparams(
         factory, static_args=('lag', 'multiplier', 'update_after'))(**hp))
-  if name in _catalog.STABILIZERS:
+  if name in catalog.STABILIZERS:
     # update_freq=1 stays static, or the every-step path would never be
     # taken; an injected update_freq is traced and the update gated.
     static = ('update_freq',) if hp['update_freq'] == 1 else ()
+    # EDM2's exponent is solved from std when the transform is built.
+    static += ('std',) if name == 'power_ema' else ()
     return optax.chain(optax.adamw(LR), optax.inject_hyperparams(
         factory, static_args=static)(**hp))
   # Injected betas are float32 arrays, so 1 - b would be rounded in float32;
@@ -216,7 +232,7 @@ def test_inject_hyperparams_gives_identical_results(case):
   if case in AVERAGING:
     assert_trees_equal(models(case, s2, p2), models(case, s1, p1))
   name, hp = CASES[case]
-  if name not in _catalog.OPTIMIZERS:  # injected inside the chain
+  if name not in catalog.OPTIMIZERS:  # injected inside the chain
     assert_trees_equal(s2[0], s1[0])
     s2, s1 = s2[1], s1[1]
   else:
@@ -346,6 +362,7 @@ HYPERPARAMETERS = {
     'bema': _STABILIZER_ARGS + ('bias_power',),
     'dema': _STABILIZER_ARGS,
     'ouema': _STABILIZER_ARGS + ('bias_power',),
+    'power_ema': ('std', 'update_after', 'update_freq'),
     'pace': ('learning_rate', 'b1', 'b2', 'eps', 'weight_decay', 'pullback',
              'ema_power', 'delay', 'multiplier', 'update_freq'),
     'adaptive_ademamix': ('learning_rate', 'b1', 'b2', 'b3', 'alpha', 'eps',
@@ -355,13 +372,15 @@ HYPERPARAMETERS = {
     # Its members are transforms, each checked by its own factory.
     'averages': (),
 }
-assert set(HYPERPARAMETERS) == set(_catalog.NAMES)
+assert set(HYPERPARAMETERS) == set(catalog.NAMES)
 
 
 def _bad_values(name, arg):
   # BEMA with bias_power = inf is EMA (alpha_t = 0): a meaningful infinity.
   if (name, arg) == ('bema', 'bias_power'):
     return [-1.0, math.nan]
+  if (name, arg) == ('power_ema', 'std'):  # and above sqrt(1/12)
+    return [-1.0, math.nan, math.inf, 0.0, 0.29]
   return [-1.0, math.nan, math.inf]
 
 
@@ -369,19 +388,21 @@ BAD = [
     *[(name, {arg: value}, arg) for name, args in HYPERPARAMETERS.items()
       for arg in args for value in _bad_values(name, arg)],
     *[(name, bad, match)
-      for name in _catalog.STABILIZERS + ('posthoc_ema',)
+      for name in catalog.BEMA_PAPER + ('posthoc_ema',)
       for bad, match in [
-          (dict(update_after=1.5), 'update_after'),
           (dict(lag=0.0, multiplier=0.0), 'lag|multiplier'),
           # weight 2 at step 1: the average would extrapolate
           (dict(lag=0.0, multiplier=0.25), 'lag'),
       ]],
-    *[(name, bad, match) for name in _catalog.STABILIZERS
+    *[(name, bad, match) for name in catalog.STABILIZERS
       for bad, match in [
+          (dict(update_after=1.5), 'update_after'),
           (dict(update_freq=0), 'update_freq'),
           (dict(update_freq=2.5), 'update_freq'),
-          (dict(min_ema_multiplier=1.5), 'min_ema_multiplier'),
       ]],
+    ('posthoc_ema', dict(update_after=1.5), 'update_after'),
+    *[(name, dict(min_ema_multiplier=1.5), 'min_ema_multiplier')
+      for name in catalog.BEMA_PAPER],
     *[('posthoc_ema', dict(ema_powers=(0.5, value)), 'ema_power')
       for value in (-1.0, math.nan, math.inf)],
     ('posthoc_ema', dict(ema_powers=()), 'ema_powers'),
@@ -408,7 +429,7 @@ def _bad_id(name, bad, match):
                          ids=[_bad_id(*b) for b in BAD])
 def test_bad_hyperparameters_raise_at_construction(name, bad, match):
   with pytest.raises(ValueError, match=match):
-    _catalog.transform(name, **bad)
+    catalog.transform(name, **bad)
 
 
 @pytest.mark.parametrize('member', [
@@ -448,9 +469,9 @@ SETTINGS = [dict(update_freq=1, update_after=0),
 
 @pytest.mark.parametrize('hp', SETTINGS, ids=lambda hp: '-'.join(
     f'{k}={v}' for k, v in hp.items()))
-@pytest.mark.parametrize('name', _catalog.STABILIZERS)
+@pytest.mark.parametrize('name', catalog.STABILIZERS)
 def test_stabilizer_model_stays_at_its_last_finite_value(name, hp):
-  history = train_with_one_bad_step(_catalog.training(name, LR, **hp))
+  history = train_with_one_bad_step(catalog.training(name, LR, **hp))
   assert np.isnan(history[-1][0]['w'][1, 2]), 'training should have broken'
   returned = [optax_bema.averaged_params(s, p) for p, s in history]
   before = returned[BAD_STEP - 2]

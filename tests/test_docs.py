@@ -58,7 +58,7 @@ def test_modules_with_examples_are_found():
   with_examples = {
       name for name in MODULES if EXAMPLE_LINE.search(
           inspect.getsource(importlib.import_module(name)))}
-  assert {'optax_bema._profiles', 'optax_bema._posthoc',
+  assert {'optax_bema._fit', 'optax_bema._posthoc',
           'optax_bema._stabilizers', 'optax_bema._pace',
           'optax_bema._readout'} <= with_examples
 

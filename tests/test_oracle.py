@@ -111,4 +111,8 @@ def test_settings_are_checked():
   with pytest.raises(TypeError, match='ema_pwer'):
     _oracle.models('ema', np.zeros(2), [np.ones(2)], ema_pwer=0.5)
   with pytest.raises(TypeError, match='std'):
-    _oracle.models('power_ema', np.zeros(2), [np.ones(2)])
+    _oracle.models('power_ema', np.zeros(2), [np.ones(2)], std=None)
+  # Another kind's setting is ignored, so one sweep serves every kind.
+  np.testing.assert_array_equal(
+      _oracle.models('power_ema', np.zeros(2), [np.ones(2)], bias_power=0.2),
+      _oracle.models('power_ema', np.zeros(2), [np.ones(2)]))

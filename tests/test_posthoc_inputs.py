@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_bema
-from optax_bema import _posthoc
+from optax_bema import _averages
 
 NUM_STEPS, EVERY = 200, 10
 TRACKED = dict(ema_powers=(0.3, 0.5, 0.9), stds=())
@@ -233,7 +233,7 @@ def bfloat16_round_trip(tree):
 
 
 def schedules(opt_state):
-  return {k: _posthoc.decode(v, k)[1].settings()
+  return {k: _averages.decode(v, k)[1].settings()
           for k, v in optax.tree.get(opt_state, 'settings').items()}
 
 

@@ -18,8 +18,7 @@ import optax
 import pytest
 
 import optax_bema
-
-import _catalog
+from optax_bema import catalog
 
 STEPS = 20_000
 DIM = 12
@@ -30,7 +29,7 @@ def run():
   """The saved (tracked models, params) at each snapshot step, theta_0,
   the online targets and theta_T."""
   steps = optax_bema.snapshot_steps(STEPS, 40)
-  targets = _catalog.long_run_targets()
+  targets = catalog.long_run_targets()
   tx = optax.chain(optax.sgd(0.1), optax_bema.posthoc_ema(),
                    optax_bema.averages(**targets))
   names = [k for k in optax.tree.get(tx.init(jnp.zeros(1))[1], 'members')
@@ -77,7 +76,7 @@ def test_defaults_synthesize_the_issue_targets_within_2_percent(run):
     arrays.append(run['saved'][i, -1])
   basis, arrays = np.stack(rows), np.stack(arrays)
   norms = np.linalg.norm(basis, axis=1)
-  targets = _catalog.long_run_targets()
+  targets = catalog.long_run_targets()
   wanted = np.stack([optax_bema.profile(t, STEPS) for t in targets.values()])
   x = np.linalg.lstsq((basis / norms[:, None]).T, wanted.T, rcond=1e-7)[0]
   models = (x / norms[:, None]).T @ arrays

@@ -1,8 +1,9 @@
 """EDM2's power-function EMA, against the paper's own equations.
 
-The references are written here from Karras et al. 2024 ("Analyzing and
+The references are written from Karras et al. 2024 ("Analyzing and
 Improving the Training Dynamics of Diffusion Models", Sec. 3 and Appendix
-C), in float64 NumPy: the retention r_t = (1 - 1/t) ** (gamma + 1) per step
+C), in float64 NumPy, the recursion in the shared reference loop
+(``_oracle``): the retention r_t = (1 - 1/t) ** (gamma + 1) per step
 (Eq. 127), gamma from the relative standard deviation (Eqs. 123 and 126),
 and EDM2's reconstruction from snapshots through the closed-form inner
 product of two power-function profiles (Eq. 151).
@@ -19,45 +20,17 @@ import pytest
 import optax_bema
 from optax_bema import _schedule
 
+import _oracle
+
 STDS = (0.02, 0.05, 0.1, 0.2)
 
 
-def std_of(gamma):
-  """EDM2's Eq. 123: the relative std of the profile (tau / t) ** gamma."""
-  return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
-def gamma_of(std):
-  """The exponent for ``std``, by bisection on Eq. 123 (decreasing in
-  gamma on gamma > -1), independent of the cubic the library solves."""
-  low, high = -1 + 1e-12, 1e7
-  for _ in range(200):
-    mid = (low + high) / 2
-    low, high = (mid, high) if std_of(mid) > std else (low, mid)
-  return (low + high) / 2
-
-
-def edm2_average(trajectory, std, update_freq=1, update_after=0):
-  """EDM2's recursion on ``trajectory`` (theta_0..theta_T), float64.
-
-  Returns the model after every step. Steps t <= update_after reset the
-  average to theta_t; after that t' = t - update_after counts the steps,
-  and every update_freq-th one updates with r = (1 - update_freq / t') **
-  (gamma + 1): the first update (r = 0) starts the average at theta_t.
-  """
-  gamma = gamma_of(std)
-  average = np.array(trajectory[0], np.float64)
-  models = [average.copy()]
-  for t in range(1, len(trajectory)):
-    theta = np.asarray(trajectory[t], np.float64)
-    since = t - update_after
-    if since <= 0:
-      average = theta.copy()
-    elif since % update_freq == 0:
-      r = (1 - update_freq / since) ** (gamma + 1)
-      average = r * average + (1 - r) * theta
-    models.append(average.copy())
-  return np.stack(models)
+def edm2_average(thetas, std, update_freq=1, update_after=0):
+  """EDM2's recursion (the reference loop) on theta_0..theta_T: the model
+  after every step."""
+  return _oracle.trajectory_models('power_ema', thetas, std=std,
+                                   update_freq=update_freq,
+                                   update_after=update_after)
 
 
 def trajectory(num_steps, dim=6, seed=0):
@@ -104,8 +77,8 @@ def models(states, thetas, name=None):
 @pytest.mark.parametrize('std', STDS)
 def test_gamma_inverts_edm2_std(std):
   gamma = _schedule.gamma_from_std(std)
-  assert std_of(gamma) == pytest.approx(std, rel=1e-12)
-  assert gamma == pytest.approx(gamma_of(std), rel=1e-9)
+  assert _oracle.power_std(gamma) == pytest.approx(std, rel=1e-12)
+  assert gamma == pytest.approx(_oracle.power_exponent(std), rel=1e-9)
   s = std ** -2  # and it is a root of Eq. 126's cubic
   assert abs(gamma ** 3 + 7 * gamma ** 2 + (16 - s) * gamma + 12 - s) < (
       1e-9 * s * gamma)
@@ -245,14 +218,14 @@ def test_synthesize_is_no_worse_than_edm2_reconstruction():
       optax_bema.posthoc_ema(ema_powers=(), stds=tracked), thetas, set(ends))
   # The tracked averages' exact discrete profiles, from EDM2's recursion.
   exact = {s: edm2_average(thetas, s)[ends] for s in tracked}
-  basis = [(t, gamma_of(s)) for s in tracked for t in ends]
+  basis = [(t, _oracle.power_exponent(s)) for s in tracked for t in ends]
   columns = np.concatenate([exact[s] for s in tracked])
   for std in (0.02, 0.03, 0.07, 0.15):
     target = edm2_average(thetas, std)[-1]
     np.testing.assert_allclose(
         optax_bema.profile(optax_bema.power_ema(std), num_steps), target,
         atol=1e-12)
-    x = edm2_coefficients(basis, (num_steps, gamma_of(std)))
+    x = edm2_coefficients(basis, (num_steps, _oracle.power_exponent(std)))
     edm2 = np.linalg.norm(x @ columns - target) / np.linalg.norm(target)
     model, _ = optax_bema.synthesize(optax_bema.power_ema(std), snapshots)
     ours = np.linalg.norm(np.asarray(model, np.float64) - target) / (

@@ -17,12 +17,12 @@ import optax
 import pytest
 
 import optax_bema
-from optax_bema import _profiles
+from optax_bema import _fit
+from optax_bema import catalog
 
-import _catalog
 import _oracle
 
-KINDS = _catalog.STABILIZERS
+KINDS = catalog.STABILIZERS
 # Burn-in, update_freq > 1 with T not a multiple of it, a floor that binds,
 # non-default powers, the bias weight on its own clock; settings 4 and 5
 # have beta_t = 1 somewhere, which must wipe out the earlier iterates
@@ -44,7 +44,7 @@ NUM_STEPS = 37
 
 @functools.cache
 def _stabilizer(kind, settings):
-  return _catalog.stabilizer(kind, **dict(settings))
+  return catalog.stabilizer(kind, **dict(settings))
 
 
 def profile(kind, hp, num_steps):
@@ -114,9 +114,11 @@ def test_the_profile_lives_on_the_read_steps(kind, hp):
     np.testing.assert_array_equal(np.delete(w, read_steps(hp, t)), 0.0)
 
 
-@pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize(
-    'hp', [h for i, h in enumerate(SETTINGS) if i not in WIPES_OUT])
+@pytest.mark.parametrize('kind, hp', [
+    (kind, h) for kind in KINDS for i, h in enumerate(SETTINGS)
+    # EDM2's power EMA starts at its first update (beta = 1) under any
+    # setting: the step before it is read but weighs nothing.
+    if i not in WIPES_OUT and kind != 'power_ema'])
 def test_read_steps_are_exactly_what_the_online_model_depends_on(kind, hp):
   """Moving an iterate moves the reference model iff its step is read, and
   ``replay`` from step 0 and the read steps alone gives that model."""
@@ -146,7 +148,7 @@ def test_fit_recovers_a_target_in_the_span():
   basis = np.stack(
       [profile('ema', {**hp, 'ema_power': p}, t)
        for p in (0.3, 0.6, 0.9)] + [one_hot[t], one_hot[0]])
-  coefficients, residual = _profiles.fit(profile('bema', hp, t), basis)
+  coefficients, residual = _fit.fit(profile('bema', hp, t), basis)
   alpha = (10.0 + t) ** -0.3
   np.testing.assert_allclose(coefficients, [0, 1, 0, alpha, -alpha],
                              atol=1e-9)
@@ -160,14 +162,14 @@ def test_fit_matches_lstsq_and_reports_its_residual(ridge):
   in_span = rng.normal(size=6) @ basis
   outside = rng.normal(size=40)
   targets = np.stack([in_span, outside])
-  coefficients, residual = _profiles.fit(targets, basis, ridge=ridge)
+  coefficients, residual = _fit.fit(targets, basis, ridge=ridge)
   want = np.linalg.lstsq(basis.T, targets.T, rcond=None)[0].T
   np.testing.assert_allclose(coefficients @ basis, want @ basis, atol=1e-8)
   np.testing.assert_allclose(
       residual, np.linalg.norm(want @ basis - targets, axis=1)
       / np.linalg.norm(targets, axis=1), atol=1e-9)
   assert residual[0] < 1e-10 and residual[1] > 0.5
-  single, single_residual = _profiles.fit(outside, basis, ridge=ridge)
+  single, single_residual = _fit.fit(outside, basis, ridge=ridge)
   np.testing.assert_allclose(single, coefficients[1])
   assert single_residual == pytest.approx(residual[1])
 
@@ -189,7 +191,7 @@ def test_ridge_is_tikhonov_on_unit_rows(ridge):
   augmented = np.concatenate([unit.T, lam * np.eye(len(basis))])
   want = np.linalg.lstsq(augmented, np.pad(target, (0, len(basis))),
                          rcond=None)[0] / norms
-  got, residual = _profiles.fit(target, basis, ridge=ridge)
+  got, residual = _fit.fit(target, basis, ridge=ridge)
   np.testing.assert_allclose(got @ basis, want @ basis, atol=1e-9)
   # The fit works from inner products alone (float64 normal equations, so
   # that synthesis scales to long runs): the fitted profile agrees to 1e-9,
@@ -197,7 +199,7 @@ def test_ridge_is_tikhonov_on_unit_rows(ridge):
   np.testing.assert_allclose(
       residual, np.linalg.norm(want @ basis - target) / np.linalg.norm(target),
       rtol=1e-6)
-  exact, _ = _profiles.fit(target, basis, ridge=0.0)
+  exact, _ = _fit.fit(target, basis, ridge=0.0)
   assert np.abs(exact).sum() > 1000
   assert np.linalg.norm(got * norms) <= np.linalg.norm(exact * norms)
   if ridge == 1e-4:
@@ -232,7 +234,7 @@ def test_profile_replays_the_library_transform(kind):
   hp = dict(update_freq=3, update_after=4, lag=2.0, multiplier=0.5,
             min_ema_multiplier=0.15, ema_power=0.7, bias_power=0.3)
   tx = optax.chain(optax.sgd(0.1, momentum=0.5),
-                   _catalog.stabilizer(kind, **hp))
+                   catalog.stabilizer(kind, **hp))
   step = jax.jit(tx.update)
   rng = np.random.default_rng(4)
   params = jnp.asarray(rng.normal(size=5) + 3.0, jnp.float32)

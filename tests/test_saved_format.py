@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_bema
-from optax_bema import _posthoc
+from optax_bema import _averages
 
 import _oracle
 
@@ -76,13 +76,13 @@ def test_the_record_says_what_it_holds():
 def test_a_record_of_an_unknown_format_is_refused():
   text = json.dumps({'format': 99, 'kind': 'ema', 'settings': {}})
   with pytest.raises(ValueError, match='format 99.*Upgrade optax_bema'):
-    _posthoc.decode(np.frombuffer(text.encode(), np.uint8), 'test')
+    _averages.decode(np.frombuffer(text.encode(), np.uint8), 'test')
 
 
 def test_a_record_cast_to_bfloat16_and_back_still_reads_exactly():
   opt_state, _ = _restore(True)[-1]
   cast = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), opt_state)
-  rule, schedule = _posthoc.decode(
+  rule, schedule = _averages.decode(
       jnp.asarray(cast.settings['ema_power=0.3'], jnp.float32), 'test')
   assert rule.name == 'ema' and schedule.ema_power == 0.3
 

@@ -11,11 +11,11 @@ import optax
 import pytest
 
 import optax_bema
+from optax_bema import catalog
 
-import _catalog
 import _oracle
 
-KINDS = _catalog.STABILIZERS
+KINDS = catalog.STABILIZERS
 
 
 def random_trajectory(steps, seed=0, shape=(5,)):
@@ -47,7 +47,7 @@ SETTINGS = [
 def test_matches_reference_every_step_under_jit(kind, hp):
   theta0, updates, thetas = random_trajectory(40)
   expected = _oracle.models(kind, theta0, thetas, **hp)
-  tx = _catalog.stabilizer(kind, **hp)
+  tx = catalog.stabilizer(kind, **hp)
   step = jax.jit(tx.update)
   readout = jax.jit(optax_bema.averaged_params)
   params = jnp.asarray(theta0)
@@ -65,7 +65,7 @@ def test_inside_scan_over_a_pytree(kind):
   hp = dict(update_freq=2, update_after=3)
   theta0, updates, thetas = random_trajectory(30, seed=1, shape=(6,))
   expected = _oracle.models(kind, theta0, thetas, **hp)[-1]
-  tx = _catalog.stabilizer(kind, **hp)
+  tx = catalog.stabilizer(kind, **hp)
   params = {'a': jnp.asarray(theta0[:2]), 'b': jnp.asarray(theta0[2:])}
   stacked = {'a': jnp.asarray(np.stack(updates)[:, :2]),
              'b': jnp.asarray(np.stack(updates)[:, 2:])}
@@ -185,7 +185,7 @@ def test_zero_or_several_stabilizers_is_a_clear_error():
 def test_low_precision_params_average_in_float32(kind):
   params = {'w': jnp.ones(4, jnp.bfloat16), 'h': jnp.ones(2, jnp.float16),
             'step': jnp.array(7, jnp.int32), 'mask': jnp.array([True, False])}
-  tx = _catalog.stabilizer(kind, update_freq=1)
+  tx = catalog.stabilizer(kind, update_freq=1)
   state = tx.init(params)
   float_leaves = [x for x in jax.tree.leaves(state) if x.ndim > 0]
   assert float_leaves and all(x.dtype == jnp.float32 for x in float_leaves)
@@ -217,7 +217,7 @@ def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
   params = {'emb': jnp.ones((64, 16)), 'w': jnp.ones((16, 16)),
             'b': jnp.ones(16, jnp.bfloat16)}
   param_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))  # f32 avgs
-  state = _catalog.stabilizer(kind, **hp).init(params)
+  state = catalog.stabilizer(kind, **hp).init(params)
   big = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim > 0)
   small = sum(x.nbytes for x in jax.tree.leaves(state) if x.ndim == 0)
   assert big == copies * param_bytes
@@ -233,7 +233,7 @@ def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
 def test_non_finite_iterate_never_enters_the_average(kind, freq, bad_value):
   theta0, _, thetas = random_trajectory(10, seed=4)
   bad_step = 7  # an update step for both frequencies (update_after=1)
-  tx = _catalog.stabilizer(kind, update_freq=freq, update_after=1)
+  tx = catalog.stabilizer(kind, update_freq=freq, update_after=1)
   params = jnp.asarray(theta0)
   state = tx.init(params)
   models = []

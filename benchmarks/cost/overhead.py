@@ -54,7 +54,7 @@ from optax_bema import _posthoc
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _timing
-import _transforms
+from optax_bema import catalog
 
 LEARNING_RATE = 1e-3
 # How many averages posthoc_ema() tracks by default (theta_0 aside).
@@ -139,7 +139,7 @@ class Contender(NamedTuple):
 
 def _stabilized(name, update_freq, extra=Transfers()) -> Contender:
   """``optax.adamw`` then the named stabilizer, as a user trains with it."""
-  return Contender(name, _transforms.training(name, LEARNING_RATE,
+  return Contender(name, catalog.training(name, LEARNING_RATE,
                                               update_freq=update_freq),
                    extra, update_freq)
 
@@ -159,7 +159,7 @@ def contenders(names=()) -> list[Contender]:
       _stabilized('ouema', 1, Transfers(iterate=1, averages=3)),
       _stabilized('ouema', IDLE_FREQ),
       # Its own moments and EMA, each read and written once.
-      Contender('pace', _transforms.training('pace', LEARNING_RATE),
+      Contender('pace', catalog.training('pace', LEARNING_RATE),
                 Transfers(state=2)),
       # Several averages in one transform read the iterate once; each EMA
       # reads and writes its own copy: (8 + 2K) / 7 of AdamW's traffic.
@@ -196,7 +196,7 @@ TARGETS = {
     # fixed budgets, updated every step
     'ema1': Target(1.5), 'bema1': Target(1.8), 'pace1': Target(1.35),
     'dema1': NEAR_FLOOR, 'ouema1': NEAR_FLOOR,
-    **{f'{name}{IDLE_FREQ}': IDLE_STEP for name in _transforms.STABILIZERS},
+    **{f'{name}{IDLE_FREQ}': IDLE_STEP for name in catalog.STABILIZERS},
 }
 
 

@@ -6,11 +6,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import _common
-import _transforms
+from optax_bema import catalog
 
 # The table's rows: (label, where in a seed's result).
 ROWS = (('last iterate (AdamW)', ('last_iterate',)),
-        *((f'{k} {what}', where) for k in _transforms.STABILIZERS
+        *((f'{k} {what}', where) for k in catalog.BEMA_PAPER
           for what, where in (
               ('default', ('defaults', k)),
               ('post-hoc choice', ('by_stabilizer', k, 'posthoc')),
@@ -93,7 +93,7 @@ def report(results: dict, title: str) -> str:
       'settings (mean / worst over seeds), and the post-hoc choice made '
       'from them minus the hindsight best (mean over seeds):',
       f'{"n":>3s} {"saved":>5s} {"exact":>13s} '
-      + ' '.join(f'{k:>16s}' for k in _transforms.STABILIZERS)
+      + ' '.join(f'{k:>16s}' for k in catalog.BEMA_PAPER)
       + f' {"vs best":>8s}',
   ]
   by_schedule = [s['synthesis']['by_schedule'] for s in per_seed]
@@ -101,7 +101,7 @@ def report(results: dict, title: str) -> str:
       schedules, results['summary']['gap_to_hindsight_by_schedule'])):
     at = [b[i] for b in by_schedule]
     cells = []
-    for kind in _transforms.STABILIZERS:
+    for kind in catalog.BEMA_PAPER:
       errors = [a['model_error'][kind] for a in at if kind in a['model_error']]
       cells.append(f'{np.mean([e["median"] for e in errors]):7.2%} / '
                    f'{max(e["max"] for e in errors):6.2%}' if errors else '-')
@@ -120,7 +120,7 @@ def plot(results: dict, out_dir: str, title: str) -> str:
   fig, (synthesis, choice) = plt.subplots(1, 2, figsize=(12, 5))
   schedule = results['grid']['schedules'][0]
   for i, seed in enumerate(results['per_seed']):
-    for kind, color in zip(_transforms.STABILIZERS, ('C0', 'C1', 'C2', 'C3')):
+    for kind, color in zip(catalog.BEMA_PAPER, ('C0', 'C1', 'C2', 'C3')):
       points = [v for k, v in seed['losses'].items()
                 if k.split('/')[0] == kind]
       exact = [p['validation'] for p in points]

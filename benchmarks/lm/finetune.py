@@ -64,7 +64,7 @@ import _common
 import _finetune_report
 import _lm
 import _schedules
-import _transforms
+from optax_bema import catalog
 import posthoc
 
 LEARNING_RATE = 1e-3   # PACE's headline lr and the AdEMAMix report's
@@ -175,7 +175,7 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
   for schedule in _schedules.SCHEDULES:
     if schedule == 'constant':
       stabilizers = _common.make_stabilizers(
-          _transforms.STABILIZERS, update_freq=UPDATE_FREQ, **STABILIZER)
+          catalog.BEMA_PAPER, update_freq=UPDATE_FREQ, **STABILIZER)
       # What pace/matched/pullback=0 must equal: PACE's EMA, lag 1.
       stabilizers.update(_common.make_stabilizers(
           ('ema',), suffix='/lag=1', update_freq=UPDATE_FREQ,
@@ -343,7 +343,7 @@ def matched_profiles(steps: int) -> dict:
   """How far pace/matched's EMA weights on the iterates are from the ema
   baseline's after ``steps``: total variation, and each one's lag."""
   def weights(lag):
-    return optax_bema.profile(_transforms.stabilizer(
+    return optax_bema.profile(catalog.stabilizer(
         'ema', update_freq=UPDATE_FREQ, **dict(STABILIZER, lag=lag)), steps)
   baseline, matched = weights(STABILIZER['lag']), weights(1.0)
   s = np.arange(steps + 1)

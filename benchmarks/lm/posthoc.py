@@ -63,7 +63,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _lm
 import _posthoc_report
-import _transforms
+from optax_bema import catalog
 
 # Per mode: the grid; the snapshot count the choice is made from
 # (snapshot_steps' num_snapshots), and the fewer it is also made from.
@@ -93,7 +93,7 @@ def grid(ema_powers, bias_powers, update_freqs, *, base: Mapping,
   del unused
   base = {k: v for k, v in base.items() if k != 'bias_power'}
   out = {}
-  for kind in _transforms.STABILIZERS:
+  for kind in catalog.BEMA_PAPER:
     takes_bias = kind in _TAKES_BIAS_POWER
     for e, b, f in itertools.product(
         ema_powers, bias_powers if takes_bias else (None,), update_freqs):
@@ -105,7 +105,7 @@ def grid(ema_powers, bias_powers, update_freqs, *, base: Mapping,
 
 def stabilizer(settings: Mapping) -> optax.GradientTransformation:
   settings = dict(settings)
-  return _transforms.stabilizer(settings.pop('kind'), **settings)
+  return catalog.stabilizer(settings.pop('kind'), **settings)
 
 
 def validation_split(train_bytes, count: int, context: int):
@@ -281,7 +281,7 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
     del models
     seconds['synthesize' if i == 0 else 'fewer'] = lap()
   kinds = {k: [i for i, n in enumerate(names) if settings[n]['kind'] == k]
-           for k in _transforms.STABILIZERS}
+           for k in catalog.BEMA_PAPER}
   val_exact, held_exact = score(exact, validation), score(exact, held_out)
   val_synth = [run['val'] for run in runs]
   chosen = [run['choice'] for run in runs]
@@ -370,7 +370,7 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
   plan = GRIDS[mode]
   settings = grid(**plan, base=base)
   defaults = {k: name_of(k, base['ema_power'], base['bias_power'],
-                         update_freq) for k in _transforms.STABILIZERS}
+                         update_freq) for k in catalog.BEMA_PAPER}
   if not set(defaults.values()) <= set(settings):
     raise ValueError(f'the {mode} grid lacks the defaults {defaults}.')
   profiles = np.stack([optax_bema.profile(stabilizer(s), config['steps'])

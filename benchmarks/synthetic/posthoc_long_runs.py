@@ -64,7 +64,7 @@ from optax_bema._schedule import Schedule
 # The helpers every group shares (_transforms) are one folder up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
-import _transforms
+from optax_bema import catalog
 
 LEARNING_RATE = 0.1
 NOISE = 1.0
@@ -83,7 +83,7 @@ DEFAULT_RIDGE = 1e-6
 
 def issue_targets() -> dict:
   """The issue's target set: none of them is tracked (the tests' own)."""
-  return _transforms.long_run_targets()
+  return catalog.long_run_targets()
 
 
 def wider_targets() -> dict:

@@ -66,7 +66,7 @@ import optax_bema
 # The helpers every group shares (_common, _transforms) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
-import _transforms
+from optax_bema import catalog
 
 DIM = 20
 SIGMA = 1.0
@@ -125,11 +125,11 @@ def simulate(eigs, eta, steps, seeds, key, curvature=None):
   eigs = jnp.asarray(eigs, jnp.float32)
   mu = jnp.ones(DIM)
   theta0 = mu + START_OFFSET
-  stabilizers = _common.make_stabilizers(_transforms.STABILIZERS,
+  stabilizers = _common.make_stabilizers(catalog.BEMA_PAPER,
                                          **STABILIZER_HPARAMS)
   if curvature is not None:
     stabilizers.update({
-        f'{k}/theory': _transforms.stabilizer(k, **hparams)
+        f'{k}/theory': catalog.stabilizer(k, **hparams)
         for k, hparams in theory_hparams(eta, curvature).items()})
   sgd = optax.chain(optax.sgd(eta), optax_bema.averages(**stabilizers))
   pace = optax_bema.pace(eta * SIGMA, **PACE_HPARAMS)

@@ -54,8 +54,8 @@ from optax_bema import _profiles
 # The helpers every group shares (_common, _transforms) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
-import _transforms
 import optax_bema
+from optax_bema import catalog
 
 STEPS = 2000
 DIM = 100
@@ -141,7 +141,7 @@ def online_model(kind: str, hyperparams, thetas: np.ndarray) -> np.ndarray:
 
 
 def _profile(kind: str, hyperparams, num_steps: int) -> np.ndarray:
-  return optax_bema.profile(_transforms.stabilizer(kind, **hyperparams),
+  return optax_bema.profile(catalog.stabilizer(kind, **hyperparams),
                             num_steps)
 
 
