@@ -1,9 +1,12 @@
 """PACE: AdamW whose live weights are pulled toward their own EMA.
 
-The Adam moments, the decoupled weight decay and the learning-rate scaling are
-``optax.adamw``'s own pieces, called in the same order, so ``pullback=0`` gives
-its iterates bit for bit; this module adds the pullback and the EMA, which
-never takes in a non-finite iterate.
+Built the way optax builds its optimizers: :func:`pace` is ``optax.adamw``
+itself (``scale_by_adam``, ``add_decayed_weights``,
+``scale_by_learning_rate``), wrapped by :func:`_pull_toward_ema`, which adds
+to AdamW's step the pullback toward the EMA, with a strength read from the
+second moment in AdamW's state, and updates the EMA, which never takes in a
+non-finite iterate. With ``pullback=0`` the wrapper adds nothing: the
+iterates are ``optax.adamw``'s, the same operations in the same order.
 """
 
 from __future__ import annotations
@@ -44,11 +47,14 @@ class PaceGain(NamedTuple):
 
 
 class PaceState(NamedTuple):
-  """State of :func:`pace`: three parameter-sized copies and scalars."""
+  """State of :func:`pace`: AdamW's state, the EMA and scalars.
+
+  Three parameter-sized copies: Adam's two moments, in the
+  ``optax.ScaleByAdamState`` inside ``adamw``, and the EMA.
+  """
   count: jax.Array  # type: ignore[assignment]  # steps taken, int32, saturating
   nonfinite_count: jax.Array   # EMA updates skipped for a non-finite iterate
-  mu: optax.Updates            # Adam's first moment
-  nu: optax.Updates            # Adam's second moment
+  adamw: Any                   # optax.adamw's state (a chain's tuple)
   ema: optax.Params            # the model PACE returns
   last_ema_step: jax.Array     # the step of the last EMA update, int32
   gain: PaceGain               # what pace_telemetry needs of the last step
@@ -79,16 +85,15 @@ def pace_telemetry(opt_state) -> PaceTelemetry:
   state = _tree.find_state(
       opt_state, (PaceState,), caller='pace_telemetry', what='PaceState',
       missing='Train with optax_bema.pace(...).')
-  g = state.gain
   raw_gain = jax.tree.map(
-      lambda v: g.strength / (jnp.sqrt(v.astype(_tree.SCALAR_DTYPE)
-                                       / g.nu_correction) + g.eps),
-      state.nu)
+      lambda v: _gain(state.gain, v.astype(_tree.SCALAR_DTYPE)),
+      _adam_nu(state.adamw))
   return PaceTelemetry(
       clipped_fraction=_mean_over_coordinates(
           jax.tree.map(lambda lam: lam >= 1, raw_gain)),
       mean_gain=_mean_over_coordinates(
-          jax.tree.map(lambda lam: jnp.minimum(lam, g.cap), raw_gain)))
+          jax.tree.map(lambda lam: jnp.minimum(lam, state.gain.cap),
+                       raw_gain)))
 
 
 def pace(
@@ -189,7 +194,8 @@ def pace(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its update needs
     ``params`` and returns updates in the params' dtypes. Its state is a
-    :class:`PaceState`.
+    :class:`PaceState`, which holds ``optax.adamw``'s state (Adam's moments,
+    float32 for bfloat16 weights) beside the EMA.
 
   Raises:
     TypeError: without a learning rate, or given a transform in its place.
@@ -230,73 +236,90 @@ def pace(
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay, pullback=pullback, ema_power=ema_power,
       delay=delay, multiplier=multiplier, update_freq=update_freq)
-  # optax.adamw's own pieces, in its order: pullback=0 reproduces it exactly.
-  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  decay = optax.add_decayed_weights(weight_decay, mask)
-  every_step = _checks.is_static(update_freq) and update_freq == 1
-  cap = 1.0 if clip_pullback else float('inf')
+  adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                      mu_dtype=accumulator_dtype, weight_decay=weight_decay,
+                      mask=mask)
   # The stabilizers' power law at t' = max(0, t - delay), with lag 1 and a
   # floor: (1 + multiplier t') ** -ema_power, never below 1e-4.
-  ema_schedule = _schedule.Schedule(ema_power=ema_power, lag=1.0,
-                                    multiplier=multiplier,
-                                    min_ema_multiplier=_DECAY_FLOOR)
+  ema_weight = _schedule.Schedule(ema_power=ema_power, lag=1.0,
+                                  multiplier=multiplier,
+                                  min_ema_multiplier=_DECAY_FLOOR)
+  return _pull_toward_ema(
+      adamw, learning_rate=learning_rate, b2=b2, eps=eps, pullback=pullback,
+      ema_weight=ema_weight, delay=delay, update_freq=update_freq,
+      clip_pullback=clip_pullback, accumulator_dtype=accumulator_dtype)
+
+
+def _pull_toward_ema(adamw, *, learning_rate, b2, eps, pullback, ema_weight,
+                     delay, update_freq, clip_pullback, accumulator_dtype):
+  """``adamw``'s step plus the pullback toward the EMA; the EMA's update.
+
+  ``adamw`` is an Adam-family optimizer with decay ``b2`` and ``eps`` whose
+  state holds an ``optax.ScaleByAdamState``: its ``nu`` gives the gradient
+  scale D of the gain.
+  """
+  every_step = _checks.is_static(update_freq) and update_freq == 1
+  scalar = lambda v: jnp.asarray(v, _tree.SCALAR_DTYPE)
+  cap = 1.0 if clip_pullback else float('inf')
 
   def init_fn(params):
     return PaceState(
         count=jnp.zeros([], jnp.int32),
         nonfinite_count=jnp.zeros([], jnp.int32),
-        mu=_tree.zeros_tree(params, accumulator_dtype),
-        nu=_tree.zeros_tree(params, accumulator_dtype),
+        # Adam's moments take the dtype of what init is given: float32 for
+        # bfloat16 weights.
+        adamw=adamw.init(_tree.zeros_tree(params, accumulator_dtype)),
         ema=_tree.copy_tree(params, accumulator_dtype),
         last_ema_step=jnp.zeros([], jnp.int32),
-        gain=PaceGain(*(jnp.asarray(v, _tree.SCALAR_DTYPE)
-                        for v in (0.0, 1.0, eps, cap))))
+        gain=PaceGain(*map(scalar, (0.0, 1.0, eps, cap))))
 
   def update_fn(grads, state, params=None, **extra_args):
     del extra_args
     _tree.require_params(params, 'pace')
     t = optax.safe_increment(state.count)
+    step, adamw_state = adamw.update(grads, state.adamw, params)
     lr = (learning_rate(state.count) if callable(learning_rate)
           else learning_rate)
-    step, adam_state = adam.update(
-        grads, optax.ScaleByAdamState(state.count, state.mu, state.nu))
-    step, _ = decay.update(step, decay.init(params), params)
-    step = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, step)
+    beta = ema_weight.beta(jnp.maximum(scalar(t) - delay, 0.0), jnp)
+    gain = PaceGain(strength=scalar(lr) * scalar(pullback) * beta,
+                    nu_correction=1 - scalar(b2) ** t,
+                    eps=scalar(eps), cap=scalar(cap))
 
-    scale = jax.tree.map(
-        jnp.sqrt, optax.tree.bias_correction(adam_state.nu, b2, t))
-    beta = ema_schedule.beta(jnp.maximum(
-        jnp.asarray(t, _tree.SCALAR_DTYPE) - delay, 0.0), jnp)
-    # In float32 whether or not inject_hyperparams made lr an array.
-    strength = (jnp.asarray(lr, _tree.SCALAR_DTYPE)
-                * jnp.asarray(pullback, _tree.SCALAR_DTYPE) * beta)
-    gain = jax.tree.map(
-        lambda s: jnp.minimum(strength.astype(s.dtype) / (s + eps), cap),
-        scale)
-
-    def pulled(p, u, lam, e):
+    def pulled(p, u, v, e):
+      lam = jnp.minimum(_gain(gain, v), gain.cap.astype(v.dtype))
       return (u + lam * (e - p.astype(e.dtype))).astype(p.dtype)
-    updates = jax.tree.map(pulled, params, step, gain, state.ema)
+    updates = jax.tree.map(pulled, params, step, _adam_nu(adamw_state),
+                           state.ema)
 
-    theta = _tree.as_accumulator(optax.apply_updates(params, updates),
-                                 accumulator_dtype)
     # The live weights may go non-finite (a NaN gradient poisons Adam's
     # moments); the EMA, the model PACE returns, never takes such an iterate.
+    theta = _tree.as_accumulator(optax.apply_updates(params, updates),
+                                 accumulator_dtype)
     due = jnp.asarray(True) if every_step else (
         (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0)
     ok, skipped = _engine.guard(due, theta)
-    ema = optax.tree.where(ok, _tree.ema_tree(beta, state.ema, theta),
-                           state.ema)
     return updates, PaceState(
         count=t,
         nonfinite_count=state.nonfinite_count + skipped,
-        mu=adam_state.mu, nu=adam_state.nu, ema=ema,
+        adamw=adamw_state,
+        ema=optax.tree.where(ok, _tree.ema_tree(beta, state.ema, theta),
+                             state.ema),
         last_ema_step=jnp.where(ok, t, state.last_ema_step),
-        gain=PaceGain(*(jnp.asarray(v, _tree.SCALAR_DTYPE) for v in (
-            strength, 1 - jnp.asarray(b2, _tree.SCALAR_DTYPE) ** t, eps,
-            cap))))
+        gain=gain)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _gain(gain: PaceGain, nu):
+  """The unclipped gain strength / D of one leaf, in ``nu``'s dtype."""
+  dtype = nu.dtype
+  scale = jnp.sqrt(nu / gain.nu_correction.astype(dtype))
+  return gain.strength.astype(dtype) / (scale + gain.eps.astype(dtype))
+
+
+def _adam_nu(adamw_state):
+  """Adam's second moment, found in AdamW's state by its class's name."""
+  return optax.tree.get(adamw_state, 'ScaleByAdamState').nu
 
 
 def _check_hyperparameters(*, learning_rate, b1, b2, eps, weight_decay,

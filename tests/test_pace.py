@@ -201,9 +201,21 @@ def test_bfloat16_params_keep_float32_moments_and_ema():
   state = tx.init(params)
   _, state = jax.jit(tx.update)({'w': jnp.ones(8, jnp.bfloat16)}, state,
                                 params)
-  for tree in (state.mu, state.nu, state.ema):
+  adam = optax.tree.get(state.adamw, 'ScaleByAdamState')
+  for tree in (adam.mu, adam.nu, state.ema):
     assert tree['w'].dtype == jnp.float32
 
+
+
+def test_state_keeps_its_dtypes_under_a_narrower_accumulator():
+  params = {'w': jnp.asarray(THETA0[:8], jnp.float32)}
+  tx = optax_bema.pace(1e-2, pullback=0.2, ema_power=0.2,
+                       accumulator_dtype=jnp.bfloat16)
+  state = tx.init(params)
+  _, stepped = jax.jit(tx.update)({'w': jnp.ones(8)}, state, params)
+  dtypes = lambda s: jax.tree.map(lambda x: x.dtype, s)
+  assert dtypes(stepped) == dtypes(state)
+  assert optax.tree.get(stepped, 'mu')['w'].dtype == jnp.bfloat16
 
 def test_telemetry_is_a_device_scalar():
   tx = optax_bema.pace(1.0, pullback=1.0, ema_power=0.0)
