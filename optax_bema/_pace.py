@@ -278,13 +278,13 @@ def pace(
       return (u + lam * (e - p.astype(e.dtype))).astype(p.dtype)
     updates = jax.tree.map(pulled, params, step, gain, state.ema)
 
-    theta = _tree.as_accumulator(optax.apply_updates(params, updates),
-                                 accumulator_dtype)
+    current = optax.apply_updates(params, updates)
+    theta = _tree.as_accumulator(current, accumulator_dtype)
     # The live weights may go non-finite (a NaN gradient poisons Adam's
     # moments); the EMA, the model PACE returns, never takes such an iterate.
     due = jnp.asarray(True) if every_step else (
         (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0)
-    ok, skipped = _engine.guard(due, theta)
+    ok, skipped = _engine.guard(due, current, accumulator_dtype)
     ema = optax.tree.where(ok, _tree.ema_tree(beta, state.ema, theta),
                            state.ema)
     return updates, PaceState(
