@@ -107,8 +107,7 @@ def averages(**members: _engine.Stabilizer
     del extra_args
     _tree.require_params(params, 'averages')
     # One test of theta_t for every member that updates on every step.
-    finite = _tree.all_finite(_tree.as_accumulator(
-        optax.apply_updates(params, updates), None))
+    finite = _tree.all_finite(optax.apply_updates(params, updates))
     return updates, state._replace(members={
         k: m.update_given_finite(updates, state.members[k], params, finite)[1]
         for k, m in members.items()})

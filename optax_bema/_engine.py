@@ -33,15 +33,18 @@ class Weights(NamedTuple):
   schedule: Schedule
 
 
-def guard(due, theta, finite=None):
+def guard(due, iterate, accumulator_dtype, finite=None):
   """The non-finite guard: ``(ok, skipped)``.
 
   An update happens where ``ok``: it is due and the iterate theta_t is all
-  finite (``finite``, if given, says so already), so an average never takes
-  in a non-finite iterate; ``skipped`` (int32, 0 or 1) counts a due update
-  refused, for the state's ``nonfinite_count``.
+  finite in the ``accumulator_dtype`` (``finite``, if given, says so
+  already), so an average never takes in a non-finite iterate; ``skipped``
+  (int32, 0 or 1) counts a due update refused, for the state's
+  ``nonfinite_count``. ``iterate`` is theta_t in the params' dtypes: the
+  test reads it there where the cast changes no element's finiteness.
   """
-  finite = _tree.all_finite(theta) if finite is None else finite
+  if finite is None:
+    finite = _tree.all_finite(iterate, accumulator_dtype)
   return due & finite, (due & ~finite).astype(jnp.int32)
 
 
@@ -160,10 +163,11 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
       """The fields ``fields`` change where ``due`` and theta_t is finite."""
       if not fields:  # nothing to update (the theta_0 holder), nothing to guard
         return {}
-      theta = jax.tree.map(
-          like_sharding, _tree.as_accumulator(current, accumulator_dtype),
+      iterate = jax.tree.map(
+          like_sharding, _tree.float_leaves(current),
           getattr(state, rule.averages[0]))  # laid out as the state
-      ok, skipped = guard(due, theta, shared_finite)
+      theta = _tree.as_accumulator(iterate, accumulator_dtype)
+      ok, skipped = guard(due, iterate, accumulator_dtype, shared_finite)
       time = jnp.asarray(t, SCALAR_DTYPE)
       weights = Weights(t=time, beta=schedule.beta(time, jnp),
                         alpha=schedule.alpha(time, jnp), schedule=schedule)

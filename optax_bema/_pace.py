@@ -240,25 +240,26 @@ def pace(
                       mu_dtype=accumulator_dtype, weight_decay=weight_decay,
                       mask=mask)
   # The stabilizers' power law at t' = max(0, t - delay), with lag 1 and a
-  # floor: (1 + multiplier t') ** -ema_power, never below 1e-4.
+  # floor: (1 + multiplier t') ** -ema_power, never below 1e-4; its
+  # update_freq counts from the last EMA update, not from the burn-in.
   ema_weight = _schedule.Schedule(ema_power=ema_power, lag=1.0,
                                   multiplier=multiplier,
-                                  min_ema_multiplier=_DECAY_FLOOR)
+                                  min_ema_multiplier=_DECAY_FLOOR,
+                                  update_freq=update_freq)
   return _pull_toward_ema(
       adamw, learning_rate=learning_rate, b2=b2, eps=eps, pullback=pullback,
-      ema_weight=ema_weight, delay=delay, update_freq=update_freq,
-      clip_pullback=clip_pullback, accumulator_dtype=accumulator_dtype)
+      ema_weight=ema_weight, delay=delay, clip_pullback=clip_pullback,
+      accumulator_dtype=accumulator_dtype)
 
 
 def _pull_toward_ema(adamw, *, learning_rate, b2, eps, pullback, ema_weight,
-                     delay, update_freq, clip_pullback, accumulator_dtype):
+                     delay, clip_pullback, accumulator_dtype):
   """``adamw``'s step plus the pullback toward the EMA; the EMA's update.
 
   ``adamw`` is an Adam-family optimizer with decay ``b2`` and ``eps`` whose
   state holds an ``optax.ScaleByAdamState``: its ``nu`` gives the gradient
   scale D of the gain.
   """
-  every_step = _checks.is_static(update_freq) and update_freq == 1
   scalar = lambda v: jnp.asarray(v, _tree.SCALAR_DTYPE)
   cap = 1.0 if clip_pullback else float('inf')
 
@@ -291,13 +292,14 @@ def _pull_toward_ema(adamw, *, learning_rate, b2, eps, pullback, ema_weight,
     updates = jax.tree.map(pulled, params, step, _adam_nu(adamw_state),
                            state.ema)
 
+    current = optax.apply_updates(params, updates)
+    theta = _tree.as_accumulator(current, accumulator_dtype)
     # The live weights may go non-finite (a NaN gradient poisons Adam's
     # moments); the EMA, the model PACE returns, never takes such an iterate.
-    theta = _tree.as_accumulator(optax.apply_updates(params, updates),
-                                 accumulator_dtype)
-    due = jnp.asarray(True) if every_step else (
-        (t - state.last_ema_step) % jnp.asarray(update_freq, t.dtype) == 0)
-    ok, skipped = _engine.guard(due, theta)
+    due = jnp.asarray(True) if ema_weight.every_step else (
+        (t - state.last_ema_step)
+        % jnp.asarray(ema_weight.update_freq, t.dtype) == 0)
+    ok, skipped = _engine.guard(due, current, accumulator_dtype)
     return updates, PaceState(
         count=t,
         nonfinite_count=state.nonfinite_count + skipped,

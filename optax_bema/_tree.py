@@ -29,13 +29,17 @@ def accumulator_dtype_for(leaf, accumulator_dtype) -> jnp.dtype:
   return jnp.promote_types(leaf.dtype, SCALAR_DTYPE)
 
 
+def float_leaves(tree):
+  """Float leaves as they are; the others ``MaskedNode``."""
+  return jax.tree.map(
+      lambda x: x if is_float_leaf(x) else optax.MaskedNode(), tree)
+
+
 def as_accumulator(tree, accumulator_dtype):
   """Float leaves in the accumulator dtype; the others ``MaskedNode``."""
-  def cast(x):
-    if not is_float_leaf(x):
-      return optax.MaskedNode()
-    return x.astype(accumulator_dtype_for(x, accumulator_dtype))
-  return jax.tree.map(cast, tree)
+  return jax.tree.map(
+      lambda x: x.astype(accumulator_dtype_for(x, accumulator_dtype)),
+      float_leaves(tree))
 
 
 def copy_tree(params, accumulator_dtype):
@@ -73,18 +77,34 @@ def tree_sum(tree) -> jax.Array:
              jnp.zeros([], SCALAR_DTYPE))
 
 
-def all_finite(tree) -> jax.Array:
-  """Whether every element of every leaf is finite, exactly.
+def all_finite(tree, accumulator_dtype=None) -> jax.Array:
+  """Whether every float leaf of ``tree``, in its accumulator dtype, is all
+  finite, exactly.
+
+  A widening cast (bfloat16 or float16 to float32, the default) keeps each
+  element finite or not, so such a leaf is tested as it is, in its own
+  dtype (bfloat16 weights: half the bytes); one that narrows may overflow,
+  so its result is tested.
 
   On accelerators, ``isfinite(x).all()``: XLA fuses the reduction into one
   read, and a ``lax.cond`` there would stall the host on every step. On CPU
   that form writes a boolean temporary and reduces it in a tree, 2-3 times
-  slower than a sum, so there the sum decides: it is non-finite whenever an
-  element is (NaN and infinities propagate through addition), and only then
-  -- a non-finite element, or finite ones whose sum overflowed -- does the
-  element-wise test run. (``max(abs(x))`` drops NaN on XLA:CPU's fast path.)
+  slower than a sum, so there a sum decides. For a float32 leaf, the sum of
+  ``x * 0``: NaN exactly where an element is not finite and 0 elsewhere, so
+  it cannot overflow and needs no fallback (whose branch XLA compiles and
+  counts even when it is never taken). For other dtypes, the sum of ``x``,
+  non-finite whenever an element is (NaN and infinities propagate through
+  addition); only then -- a non-finite element, or finite ones whose sum
+  overflowed -- does the element-wise test run. ``x * 0`` loses there:
+  under bfloat16 weights XLA:CPU recomputes it from the donated params
+  beside their in-place update, a parameter-sized copy. (``max(abs(x))``
+  drops NaN on XLA:CPU's fast path.)
   """
-  leaves = [x for x in jax.tree.leaves(tree) if is_float_leaf(x)]
+  def tested(x):
+    wanted = accumulator_dtype_for(x, accumulator_dtype)
+    return x if jnp.promote_types(x.dtype, wanted) == wanted else (
+        x.astype(wanted))
+  leaves = [tested(x) for x in jax.tree.leaves(tree) if is_float_leaf(x)]
   if not leaves:
     return jnp.asarray(True)
 
@@ -92,11 +112,16 @@ def all_finite(tree) -> jax.Array:
     return jnp.stack([jnp.isfinite(x).all() for x in xs]).all()
 
   def summed(*xs):
+    zeros = [jnp.sum(x * 0) for x in xs if x.dtype == jnp.float32]
+    rest = [x for x in xs if x.dtype != jnp.float32]
+    finite = jnp.isfinite(jnp.stack(zeros).sum()) if zeros else True
+    if not rest:
+      return finite
     total = jnp.stack([
         jnp.sum(x, dtype=jnp.promote_types(x.dtype, SCALAR_DTYPE))
-        for x in xs]).sum()
-    return jax.lax.cond(jnp.isfinite(total), lambda *_: jnp.asarray(True),
-                        elementwise, *xs)
+        for x in rest]).sum()
+    return finite & jax.lax.cond(
+        jnp.isfinite(total), lambda *_: jnp.asarray(True), elementwise, *rest)
   return jax.lax.platform_dependent(*leaves, cpu=summed, default=elementwise)
 
 

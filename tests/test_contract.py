@@ -524,6 +524,53 @@ def test_pace_ema_skips_non_finite_iterates():
   assert int(history[-1][1].nonfinite_count) == STEPS - BAD_STEP + 1
 
 
+# Near its dtype's largest value: two such elements sum past it.
+BAD_ELEMENTS = [None, ('low', np.nan), ('low', np.inf), ('f32', -np.inf)]
+
+
+@pytest.mark.parametrize('dtype', ['float16', 'bfloat16', 'float32'])
+@pytest.mark.parametrize('name', ['ema', 'posthoc_ema', 'pace'])
+def test_nonfinite_guard_reads_elements_not_their_sum(name, dtype):
+  """Weights whose sum overflows are finite: their update is taken. One NaN
+  or infinity in a leaf of either dtype is not: that update is skipped."""
+  big = lambda d, shape: jnp.full(shape, 0.6 * float(jnp.finfo(d).max), d)
+  params = {'low': big(dtype, (4, 40)), 'f32': big('float32', (40,))}
+  with np.errstate(over='ignore'):
+    assert not any(np.isfinite(np.sum(np.asarray(x))) for x in params.values())
+  tx = catalog.transform(name, LR, **({'ema': dict(update_freq=1)}.get(
+      name, {})))
+  step = jax.jit(tx.update)
+  for bad in BAD_ELEMENTS:
+    inputs = jax.tree.map(jnp.zeros_like, params)
+    if bad is not None:
+      leaf, value = bad
+      inputs[leaf] = inputs[leaf].at[(1,) * inputs[leaf].ndim].set(value)
+    updates, state = step(inputs, tx.init(params), params)
+    iterate = optax.apply_updates(params, updates)
+    finite = all(np.isfinite(np.asarray(x, np.float64)).all()
+                 for x in jax.tree.leaves(iterate))
+    assert finite == (bad is None)
+    counts = ([m.nonfinite_count for k, m in state.members.items()
+               if k != 'initial'] if name == 'posthoc_ema'
+              else [state.nonfinite_count])
+    assert [int(c) for c in counts] == [int(not finite)] * len(counts), bad
+
+
+def test_nonfinite_guard_tests_a_narrower_average_after_its_cast():
+  """float32 weights at float32's largest value are finite; in a bfloat16
+  average they round to infinity, so that update is skipped."""
+  params = jnp.full((8,), jnp.finfo(jnp.float32).max)
+  tx = optax_bema.ema(update_freq=1, accumulator_dtype=jnp.bfloat16)
+  updates, state = jax.jit(tx.update)(
+      jnp.zeros_like(params), tx.init(jnp.ones_like(params)), params)
+  iterate = np.asarray(optax.apply_updates(params, updates))
+  assert np.isfinite(iterate).all()
+  with np.errstate(over='ignore'):
+    assert not np.isfinite(iterate.astype(jnp.bfloat16)).all()
+  assert int(state.nonfinite_count) == 1
+  np.testing.assert_array_equal(state.ema, np.ones(8))
+
+
 @pytest.mark.parametrize('case', CASES)
 def test_apply_if_finite_skips_the_bad_step(case):
   """Wrapped in optax.apply_if_finite, the run is the one without that step."""
