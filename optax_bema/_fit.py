@@ -9,6 +9,7 @@ grows as 8 bytes x (families) x T, whatever the number of snapshots.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,11 +33,34 @@ def _stack(blocks: list[_profiles.Columns]):
   return families, coef, tuple(np.concatenate(p) for p in points)
 
 
-def solve(basis, wanted, ridge):
-  """Coefficients (targets x basis columns) and each target's relative
-  residual, from the profiles' inner products."""
-  families, coef, (column, step, weight) = _stack(basis + wanted)
+class Solution(NamedTuple):
+  """What :func:`solve` gives for each target (one row per target)."""
+  coefficients: np.ndarray  # (targets, basis columns)
+  residual: np.ndarray      # ||fitted - target|| / ||target||
+  # Per segment between snapshots (ends[j-1], ends[j]] (segment 0: the
+  # steps up to ends[0]): sum and sum of squares over its steps s of
+  # R_s = sum_{t < s} (fitted - target)_t, the weight the fit's error puts
+  # on the update that reached step s.
+  lag_sum: np.ndarray       # (targets, segments)
+  lag_square: np.ndarray    # (targets, segments)
+
+
+def solve(basis, wanted, ridge) -> Solution:
+  """The fit of each column of ``wanted`` by the columns of ``basis``, from
+  the profiles' inner products.
+
+  The coefficients keep the fitted profile's total weight equal to the
+  target's (see :func:`fit_gram`), so the weights that never move come back
+  unchanged, and the residual profile is returned in the form the error
+  estimate of synthesis reads (:class:`Solution`).
+  """
   ends = basis[0].ends
+  num_steps = int(ends[-1])
+  ones = _profiles.Columns(ends, np.ones((1, num_steps + 1)),
+                           np.ones((1, len(ends), 1)),
+                           (np.zeros(0, np.int64), np.zeros(0, np.int64),
+                            np.zeros(0)))
+  families, coef, (column, step, weight) = _stack(basis + wanted + [ones])
   starts = np.concatenate([[0], ends[:-1] + 1])
   gram = np.zeros((coef.shape[0], coef.shape[0]))
   for j, (a, b) in enumerate(zip(starts, ends + 1)):
@@ -50,23 +74,57 @@ def solve(basis, wanted, ridge):
   mass = np.zeros((coef.shape[0], len(at)))
   np.add.at(mass, (column, np.searchsorted(at, step)), weight)
   gram += mass @ dense_at.T + dense_at @ mass.T + mass @ mass.T
-  n = sum(b.coef.shape[0] for b in basis)
-  x = fit_gram(gram[:n, :n], gram[:n, n:], ridge=ridge)
-  residuals = []
-  segment = np.searchsorted(ends, np.arange(families.shape[1]))
-  for t in range(len(wanted)):
-    d = np.concatenate([x[:, t], -np.eye(len(wanted))[t]])
+  n, m = sum(b.coef.shape[0] for b in basis), len(wanted)
+  totals = gram[-1, :-1]  # each column's total weight: its product with 1
+  x = fit_gram(gram[:n, :n], gram[:n, n:n + m], ridge=ridge,
+               sums=totals[:n], totals=totals[n:n + m])
+  segment = np.searchsorted(ends, np.arange(num_steps + 1))
+  residual, lag_sum, lag_square = [], [], []
+  for t in range(m):
+    d = np.concatenate([x[:, t], -np.eye(m)[t], [0.0]])
     per_family = np.einsum('c,cja->ja', d, coef)
-    r = np.zeros(families.shape[1])
+    r = np.zeros(num_steps + 1)
     for a in np.flatnonzero(np.abs(per_family).sum(axis=0)):
       r += per_family[segment, a] * families[a]
     np.add.at(r, step, d[column] * weight)
-    residuals.append(np.linalg.norm(r) / math.sqrt(gram[n + t, n + t]))
-  return x.T, residuals
+    residual.append(np.linalg.norm(r) / math.sqrt(gram[n + t, n + t]))
+    lag = np.concatenate([[0.0], np.cumsum(r)[:-1]])  # R_s, s = 0..T
+    lag_sum.append(np.bincount(segment, lag, minlength=len(ends)))
+    lag_square.append(np.bincount(segment, lag ** 2, minlength=len(ends)))
+  return Solution(x.T, np.array(residual), np.array(lag_sum),
+                  np.array(lag_square))
 
 
-def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
-             ) -> np.ndarray:
+def path_error(solution: Solution, ends: np.ndarray,
+               moved: np.ndarray) -> np.ndarray:
+  """Each target's estimated model error ||sum_t r_t theta_t||, absolute.
+
+  With r the residual profile (summing to 0), the model error is
+  -sum_s R_s u_s, u_s the update that reached step s and R_s the residual's
+  weight before s (:class:`Solution`). Between two saved steps a < b the
+  updates are unknown; their size is read off the saved params: ``moved``,
+  ||theta_b - theta_a||^2 for each snapshot after the first. Each segment
+  contributes the larger of its two extremes, updates all alike (a drift:
+  (sum R_s)^2 moved / (b - a)^2) and independent (noise: sum R_s^2 times a
+  per-step energy), the per-step energy being moved / (b - a) or, where
+  that is smaller, the one measured between the closest saved steps (a
+  noisy path that returns on itself moves less between far snapshots than
+  its steps add up to).
+  """
+  gaps = np.diff(ends).astype(np.float64)
+  if not gaps.size:
+    return np.zeros(solution.lag_sum.shape[0])
+  per_step = moved[1:] / gaps
+  closest = per_step[gaps == gaps.min()].max()
+  energy = np.concatenate([[closest], np.maximum(per_step, closest)])
+  drift = np.concatenate([[0.0], moved[1:] / gaps ** 2])
+  squared = np.maximum(solution.lag_square * energy,
+                       solution.lag_sum ** 2 * drift)
+  return np.sqrt(squared.sum(axis=1))
+
+
+def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float,
+             sums=None, totals=None) -> np.ndarray:
   r"""Least-squares coefficients from inner products alone.
 
   Solves :math:`\min_x \|B^\top x - w\|^2 + \lambda^2 \|D x\|^2` given
@@ -86,6 +144,14 @@ def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
   below it, which the arrays' rounding hides anyway, so it should be about
   their relative precision: 1e-4 suits float32 averages accumulated over
   long runs, about 1e-3 bfloat16 snapshots.
+
+  With ``sums`` (each basis row's total weight, :math:`B 1`) and ``totals``
+  (each target's, :math:`w^\top 1`), the solution is constrained to
+  :math:`x^\top B 1 = w^\top 1`: the fitted profile puts exactly the
+  target's total weight on the iterates, so a part of the weights that never
+  moves (a frozen layer, a constant offset) is reproduced, not scaled. It
+  is the minimiser on that affine set, found with one Lagrange multiplier
+  per target in the same eigenbasis; the residual barely changes.
   """
   norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
   norms[norms == 0] = 1.0  # an all-zero row gets coefficient 0 either way
@@ -95,7 +161,13 @@ def fit_gram(gram: np.ndarray, rhs: np.ndarray, *, ridge: float
   lam2 = (ridge ** 2) * top
   kept = s2 > top * np.finfo(np.float64).eps * 4 * len(s2)
   gain = np.where(kept, 1.0 / np.where(kept, s2 + lam2, 1.0), 0.0)
-  solved = v @ (gain[:, None] * (v.T @ (rhs / norms[:, None])))
+  inverse = lambda y: v @ (gain[:, None] * (v.T @ y))
+  solved = inverse(rhs / norms[:, None])
+  if sums is not None:
+    c = (np.asarray(sums, np.float64) / norms)[:, None]
+    direction = inverse(c)
+    missing = np.asarray(totals, np.float64) - (c.T @ solved)[0]
+    solved = solved + direction * (missing / (c.T @ direction).item())
   return solved / norms[:, None]
 
 
@@ -103,8 +175,8 @@ def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6):
   """:func:`fit_gram` for dense profiles: ``(coefficients, residual)``.
 
   ``basis`` holds one profile per row, ``target`` one profile or several
-  as rows; the residual is ||basis.T @ x - target|| / ||target||, per
-  target.
+  as rows; the fit keeps each target's total weight; the residual is
+  ||basis.T @ x - target|| / ||target||, per target.
 
   Examples:
     BEMA is its EMA plus alpha_T (theta_T - theta_0), so it is synthesized
@@ -128,7 +200,8 @@ def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6):
     raise ValueError(f'fit: target has length {target.shape[-1]} but the '
                      f'basis profiles have length {basis.shape[1]}.')
   targets = np.atleast_2d(target)
-  x = fit_gram(basis @ basis.T, basis @ targets.T, ridge=ridge).T
+  x = fit_gram(basis @ basis.T, basis @ targets.T, ridge=ridge,
+               sums=basis.sum(axis=1), totals=targets.sum(axis=1)).T
   residual = (np.linalg.norm(x @ basis - targets, axis=-1)
               / np.linalg.norm(targets, axis=-1))
   return (x, residual) if target.ndim == 2 else (x[0], residual[0])

@@ -18,7 +18,7 @@ pass over T per family (a matrix product per segment) and memory grows as
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +32,25 @@ from optax_bema import _readout
 from optax_bema import _snapshots
 from optax_bema import _targets
 from optax_bema import _tree
+from optax_bema._placement import like_sharding
 
 
 class Synthesized(NamedTuple):
-  """What :func:`synthesize` returns."""
-  model: Any     # the synthesized model (a dict of them for a dict)
-  residual: Any  # ||fitted profile - target|| / ||target||, a float (dict)
+  """What :func:`synthesize` returns (each a dict for a dict of targets).
+
+  Attributes:
+    model: the synthesized model, with the params' structure, dtypes and
+      shardings.
+    residual: ||fitted profile - target|| / ||target||: how far the fit is
+      from the target's weights, every step weighed alike.
+    error: the estimated model error ||synthesized - exact||, relative to
+      the model's distance from the last snapshot's params,
+      ||exact - theta_T||: the fit's residual weighed by how far the
+      saved params moved where the residual lies (see :func:`synthesize`).
+  """
+  model: Any
+  residual: Any
+  error: Any
 
 
 def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
@@ -51,11 +64,19 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
   params. The target's profile at the last snapshot's step T is matched in
   least squares by the profiles of the tracked averages at every snapshot,
   the saved params (theta_s exactly) and theta_0; the model is the same
-  combination of the saved arrays. The relative residual of that fit says
-  how far to trust it: near 0 the synthesis is exact; a target updated
-  every few steps has a comb-shaped profile no smooth average matches step
-  by step, yet the model error is far smaller than its residual suggests,
-  since the iterates change slowly.
+  combination of the saved arrays. The fit keeps the target's total
+  weight, so weights that never move (a frozen layer, a constant offset)
+  come back exactly, and a run shifted by a constant synthesizes the same
+  model shifted.
+
+  How far to trust it: the relative residual of the fit weighs every step
+  alike, but a weight misplaced where the iterates barely move costs
+  nothing, and one misplaced where they move a lot costs much. ``error``
+  estimates the model error itself: the residual profile r moves the
+  update that reached step s with weight R_s = sum_{t<s} r_t, and between
+  two saved steps the size of those updates is read off the saved params
+  (the distance between them, and the per-step movement at the closest
+  pair of saved steps); see the docs for how it tracks the true error.
 
   ``snapshots`` is read twice (first to fit, then to sum the arrays), one
   snapshot on the device at a time: pass a list, or an object whose
@@ -77,8 +98,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
       1e-3 for snapshots stored in bfloat16.
 
   Returns:
-    ``Synthesized(model, residual)``; dicts of both for a dict of targets.
-    The model has the params' structure, dtypes and shardings.
+    ``Synthesized(model, residual, error)``; dicts for a dict of targets.
 
   Raises:
     ValueError: no snapshots or targets, snapshots out of order, of another
@@ -87,16 +107,24 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
       (refused, as :func:`replay` refuses them: no snapshot is skipped),
       averages that skipped non-finite iterates (their profiles are then
       not the nominal ones), a step count saved in a float dtype too
-      narrow to hold it exactly, a second read unlike the first, a profile
-      of the wrong length, or a negative or non-finite ridge.
-    TypeError: a target that is neither a stabilizer nor a profile, or a
-      one-shot iterator.
+      narrow to hold it exactly, a second read unlike the first, a step-0
+      snapshot whose averages are not its params (weights loaded after
+      ``tx.init``), a profile of the wrong length or not summing to 1, or
+      a negative or non-finite ridge.
+    TypeError: a target that is neither a stabilizer nor a profile (a list
+      of targets: pass a dict), snapshots that are not ``(opt_state,
+      params)`` pairs (a dict of them: pass its values), or a one-shot
+      iterator.
   """
   single, targets = _targets.as_targets(target, 'synthesize')
   if (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
       or not math.isfinite(ridge) or ridge < 0):
     raise ValueError(f'synthesize: ridge must be a finite number >= 0, got '
                      f'{ridge!r}.')
+  if isinstance(snapshots, Mapping):
+    raise TypeError('synthesize: snapshots must be (opt_state, params) '
+                    'pairs in step order, not a dict; pass '
+                    'list(snapshots.values()) if it maps steps to pairs.')
   if iter(snapshots) is snapshots:
     raise TypeError('synthesize: snapshots are read twice; pass a list or a '
                     're-iterable object (whose __iter__ loads them lazily), '
@@ -114,14 +142,21 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
   basis.append(_profiles.units(ends))
   sources += [(i, None) for i in range(len(ends))]
   wanted = [_targets.columns(targets[k], ends) for k in names]
-  coefficients, residuals = _fit.solve(basis, wanted, ridge)
-  models = _combine(snapshots, first, sources, coefficients)
+  fit = _fit.solve(basis, wanted, ridge)
+  models = _combine(snapshots, first, sources, fit.coefficients)
   params = first[-1].params_like
-  out = {k: _tree.cast_like_params(m, params) for k, m in zip(names, models)}
-  residual = {k: float(r) for k, r in zip(names, residuals)}
+  moved = _fit.path_error(fit, ends, np.array([s.moved for s in first]))
+  out, residual, error = {}, {}, {}
+  for i, (k, m) in enumerate(zip(names, models)):
+    out[k] = _tree.cast_like_params(m, params)
+    residual[k] = float(fit.residual[i])
+    distance = math.sqrt(float(_squared_distance(
+        *(_tree.as_accumulator(x, None) for x in (out[k], params)))))
+    error[k] = float(moved[i] / distance) if distance else (
+        0.0 if moved[i] == 0 else math.inf)
   if single:
-    return Synthesized(out[None], residual[None])
-  return Synthesized(out, residual)
+    return Synthesized(out[None], residual[None], error[None])
+  return Synthesized(out, residual, error)
 
 
 class _Snapshot(NamedTuple):
@@ -129,22 +164,39 @@ class _Snapshot(NamedTuple):
   members: dict        # name: (rule, schedule, state)
   layout: Any          # tree structure and leaf shapes of the params
   checksum: np.ndarray
-  params_like: Any     # the params (read for their layout, at the end)
+  params_like: Any     # the params; kept for the last snapshot only
+  moved: float = 0.0   # ||theta_step - theta at the snapshot before||^2
 
 
 def _read(snapshots) -> list[_Snapshot]:
   """The first read: every snapshot checked, alone and against the others."""
   out: list[_Snapshot] = []
-  layout, last = None, -1
-  for opt_state, params in snapshots:
+  layout, last, before = None, -1, None
+  for pair in snapshots:
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+      raise TypeError(f'synthesize: each snapshot must be an (opt_state, '
+                      f'params) pair, got {type(pair).__name__}.')
+    opt_state, params = pair
     snap = _snapshot(opt_state, params, layout, last)
     if out:
       _same_run(out, snap)
+      out[-1] = out[-1]._replace(params_like=None)  # never all at once
+      snap = snap._replace(moved=float(_squared_distance(
+          _tree.as_accumulator(params, None), before)))
     out.append(snap)
     layout, last = snap.layout, snap.step
+    before = _tree.as_accumulator(params, None)
   if not out:
     raise ValueError('synthesize: no snapshots.')
   return out
+
+
+@jax.jit
+def _squared_distance(a, b):
+  """||a - b||^2 over every leaf, in float32 (b laid out as a)."""
+  return _tree.tree_sum(jax.tree.map(
+      lambda x, y: jnp.square(x - like_sharding(y, x).astype(x.dtype)),
+      a, b))
 
 
 def _snapshot(opt_state, params, layout, last) -> _Snapshot:
@@ -173,7 +225,25 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
   for k, model in models.items():
     _snapshots.require_finite(
         model, f'synthesize: the values of the average {k!r} at step {step}')
+    _require_reset(k, members[k][1], model, params, step)
   return _Snapshot(step, members, layout, _checksum(params, members), params)
+
+
+def _require_reset(name, schedule, model, params, step):
+  """Up to the end of the burn-in (step 0 without one) every average is the
+  params themselves; one that is not was trained on other weights."""
+  if step > int(schedule.update_after):
+    return
+  theta = jax.tree.map(lambda p, m: m if isinstance(m, optax.MaskedNode)
+                       else jnp.asarray(p, m.dtype), params, model,
+                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+  if float(_squared_distance(model, theta)) != 0.0:
+    raise ValueError(
+        f'synthesize: at step {step} the average {name!r} differs from the '
+        'params saved with it, where it must equal them (it starts as a '
+        'copy of the weights tx.init was given). Were the weights replaced '
+        'after tx.init (pretrained weights loaded later)? Call tx.init on '
+        'the weights training starts from.')
 
 
 def _whole(count, name: str) -> int:
@@ -230,15 +300,18 @@ def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
 def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
   """The second read: each target's weighted sum of the saved arrays, one
   snapshot at a time, checked against the first read."""
-  sums = None
+  sums = reference = None
   count = 0
   for i, (opt_state, params) in enumerate(snapshots):
     if i >= len(first):
       raise ValueError(_REREAD.format(f'more than {len(first)} snapshots'))
     members = _averages.tracked(opt_state, 'synthesize')
-    if not np.array_equal(_checksum(params, members), first[i].checksum):
+    step = _whole(next(iter(members.values()))[2].count, 'count')
+    if (step != first[i].step
+        or not np.array_equal(_checksum(params, members), first[i].checksum)):
       raise ValueError(_REREAD.format(
-          f'snapshot {i} (step {first[i].step}) with other contents'))
+          f'snapshot {i} (step {first[i].step}) with other contents (step '
+          f'{step} on this read)'))
     at = [j for j, (snap, _) in enumerate(sources) if snap == i]
     # Leaves the averages never track (optax.multi_transform masks them)
     # stay masked in the params too: the model keeps the last params there.
@@ -250,12 +323,14 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
         masked if sources[j][1] is None
         else _readout.model(members[sources[j][1]][2], params), None)
               for j in at]
-    sums = _accumulate(sums, arrays,
+    if reference is None:
+      reference = _tree.as_accumulator(masked, None)
+    sums = _accumulate(sums, arrays, reference,
                        jnp.asarray(coefficients[:, at], jnp.float32))
     count += 1
   if count != len(first):
     raise ValueError(_REREAD.format(f'{count} of {len(first)} snapshots'))
-  return _unstack(sums)
+  return _unstack(sums, reference)
 
 
 _REREAD = ('synthesize: the second read of the snapshots gave {}: they '
@@ -264,21 +339,31 @@ _REREAD = ('synthesize: the second read of the snapshots gave {}: they '
 
 
 @jax.jit
-def _accumulate(sums, arrays, weights):
-  """``sums + weights @ arrays`` leaf by leaf, the targets stacked along a
-  first axis (``sums`` None: no sums yet). One contraction per leaf, so the
+def _accumulate(sums, arrays, reference, weights):
+  """``sums + weights @ (arrays - reference)`` leaf by leaf, the targets
+  stacked along a first axis (``sums`` None: no sums yet).
+
+  Deviations from one snapshot's params, not the arrays: the coefficients
+  sum to 1, so the model is the reference plus the weighted deviations,
+  and a part that never moves comes back bit for bit rather than rounded
+  through the sum. Each array is laid out as the reference first (averages
+  may be sharded unlike the params). One contraction per leaf, so the
   program's size does not grow with the number of targets and columns."""
-  def leaf(total, *xs):
-    stacked = jnp.stack(xs)
+  def leaf(total, ref, *xs):
+    stacked = jnp.stack([like_sharding(x, ref).astype(ref.dtype) - ref
+                         for x in xs])
     new = jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
     return new if total is None else total + new
   if sums is None:
-    return jax.tree.map(lambda *xs: leaf(None, *xs), *arrays)
-  return jax.tree.map(leaf, sums, *arrays)
+    return jax.tree.map(lambda ref, *xs: leaf(None, ref, *xs), reference,
+                        *arrays)
+  return jax.tree.map(leaf, sums, reference, *arrays)
 
 
 @jax.jit
-def _unstack(sums):
-  """The stacked sums as one tree per target."""
+def _unstack(sums, reference):
+  """The stacked sums as one model per target: the reference plus each
+  target's weighted deviations."""
   count = jax.tree.leaves(sums)[0].shape[0]
-  return [jax.tree.map(lambda s, i=i: s[i], sums) for i in range(count)]
+  return [jax.tree.map(lambda s, ref, i=i: ref + s[i], sums, reference)
+          for i in range(count)]

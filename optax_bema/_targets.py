@@ -82,7 +82,8 @@ def uniform_profile(steps, num_steps: int) -> np.ndarray:
 
 
 def check_profile(weights, num_steps: int, caller: str) -> np.ndarray:
-  """A target given as a profile: finite float weights on 0..num_steps."""
+  """A target given as a profile: finite float weights on 0..num_steps
+  that sum to 1, as every average's do (a model, not a multiple of one)."""
   w = np.asarray(weights)
   if w.ndim != 1 or not np.issubdtype(w.dtype, np.number):
     raise TypeError(f'{caller}: a profile target must be a 1-d array of '
@@ -95,6 +96,12 @@ def check_profile(weights, num_steps: int, caller: str) -> np.ndarray:
   if not np.isfinite(w).all() or not np.any(w):
     raise ValueError(f'{caller}: a profile target must be finite and not '
                      'all zero.')
+  total = float(np.sum(w, dtype=np.float64))
+  if abs(total - 1.0) > 1e-6:
+    raise ValueError(
+        f'{caller}: a profile target\'s weights must sum to 1, got {total:.6g}:'
+        f' the model would be {total:.6g} times an average. Divide the '
+        'weights by their sum.')
   return w.astype(np.float64)
 
 
@@ -106,6 +113,14 @@ def as_targets(targets, caller: str):
     raise ValueError(f'{caller}: no targets; pass a stabilizer, a profile, '
                      'or a dict of them.')
   for name, t in targets.items():
+    if isinstance(t, (list, tuple)) and not isinstance(
+        t, optax.GradientTransformation) and not all(
+        isinstance(x, (int, float, np.number)) for x in t):
+      raise TypeError(
+          f'{caller}: {"the target" if single else repr(name)} is a '
+          f'{type(t).__name__} of {type(t[0]).__name__ if t else "nothing"}; '
+          'a profile is a list of numbers. For several targets pass a dict, '
+          'e.g. {"ema": optax_bema.ema(), "bema": optax_bema.bema()}.')
     if (isinstance(t, optax.GradientTransformation)
         or not isinstance(t, (np.ndarray, list, tuple))):
       _kinds.require_stabilizer(
@@ -117,7 +132,7 @@ def columns(target, ends) -> _profiles.Columns:
   """A target's profile at T, as one column."""
   if isinstance(target, _engine.Stabilizer):
     return _profiles.select(target.rule.profile(target.schedule, ends),
-                   [len(ends) - 1])
+                            [len(ends) - 1])
   w = check_profile(target, int(ends[-1]), 'synthesize')
   empty = np.zeros(0, np.int64)
   return _profiles.Columns(ends, w[None], np.ones((1, len(ends), 1)),

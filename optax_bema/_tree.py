@@ -64,10 +64,15 @@ def zeros_tree(params, accumulator_dtype):
 
 
 def ema_tree(beta, average, x):
-  """(1 - beta) average + beta x per leaf, beta cast only at the end."""
+  """(1 - beta) average + beta x per leaf, beta cast only at the end.
+
+  Written average + beta (x - average): where x equals the average (a
+  frozen weight) it stays exactly as it is, where the other form rounds it
+  by an ulp now and then.
+  """
   def step(a, v):
     b = beta.astype(a.dtype)
-    return (1 - b) * a + b * v
+    return a + b * (v - a)
   return jax.tree.map(step, average, x)
 
 

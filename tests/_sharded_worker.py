@@ -137,6 +137,7 @@ def main(axis_type):
         'averaged_moved': max_diff(model, host),
     }
   report['zero'] = zero_style(mesh, axis_type)
+  report['zero_synthesis'] = zero_synthesis(mesh)
   print(json.dumps(report))
 
 
@@ -189,6 +190,52 @@ def zero_style(mesh, axis_type):
                  'averaged_diff': max_diff(readouts['eager'], ref_model),
                  'params_diff': max_diff(params, ref_params)}
   return out
+
+
+def zero_synthesis(mesh):
+  """posthoc_ema's averages sharded over the data axis too, params not:
+  synthesize returns the params' layout and one device's numbers."""
+  host = make_params()
+  param_specs = {'kernel': P(None, 'model'), 'bias': P('model'),
+                 'embed': P(), 'scale': P()}
+  state_specs = {'kernel': P('data', 'model'), 'bias': P(('data', 'model')),
+                 'embed': P('data', None), 'scale': P()}
+  tx = optax.chain(optax.adamw(1e-2),
+                   optax_bema.posthoc_ema(ema_powers=(0.5, 0.8)))
+  step_fn = jax.jit(lambda params, state, step: (lambda u, s: (
+      optax.apply_updates(params, u), s))(*tx.update(
+          grads_at(params, step), state, params)))
+
+  def snapshots(params):
+    state = tx.init(params)
+    out = [(state, params)]
+    for step in range(1, STEPS + 1):
+      params, state = step_fn(params, state, jnp.float32(step))
+      out.append((state, params))
+    return out
+
+  target = optax_bema.ema(ema_power=0.6, update_freq=1)
+  reference = optax_bema.synthesize(
+      target, snapshots(jax.device_put(host, jax.devices()[0]))).model
+  with jax.set_mesh(mesh):
+    params = {k: jax.device_put(v, NamedSharding(mesh, param_specs[k]))
+              for k, v in host.items()}
+    saved = []
+    for state, p in snapshots(params):
+      members = {
+          name: member._replace(**{
+              field: {k: jax.device_put(v, v.sharding.update(
+                  spec=state_specs[k])) for k, v in getattr(
+                      member, field).items()}
+              for field in member._fields[2:]
+              if isinstance(getattr(member, field), dict)})
+          for name, member in state[1].members.items()}
+      saved.append(((state[0], state[1]._replace(members=members)), p))
+    model = optax_bema.synthesize(target, saved).model
+    errors = [f'synthesized[{k}]: {model[k].sharding} != {params[k].sharding}'
+              for k in model if not same_layout(
+                  model[k].sharding, params[k].sharding, params[k].ndim)]
+  return {'errors': errors[:5], 'diff': max_diff(model, reference)}
 
 
 def max_diff(a, b):

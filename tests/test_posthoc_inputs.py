@@ -106,7 +106,7 @@ def with_members(opt_state, change):
 
 def test_clean_input_gives_the_online_model(run):
   snapshots, saved, online = run
-  model, residual = optax_bema.synthesize(synthesis_target(), snapshots)
+  model, residual, _ = optax_bema.synthesize(synthesis_target(), snapshots)
   assert error(model, online['synthesis']) < CLEAN_TOLERANCE, residual
   assert error(optax_bema.replay(replay_target(), saved),
                online['replay']) < 1e-6
@@ -163,7 +163,7 @@ def copied(checkpoint_dir, tmp_path):
 
 def test_orbax_snapshots_give_the_online_model(run, checkpoint_dir):
   with ocp.CheckpointManager(checkpoint_dir) as manager:
-    model, _ = optax_bema.synthesize(
+    model, _, _ = optax_bema.synthesize(
         synthesis_target(), Saved(manager, abstract_target(run)))
   assert error(model, run[2]['synthesis']) < CLEAN_TOLERANCE
 
@@ -242,7 +242,7 @@ def test_settings_survive_a_bfloat16_round_trip(run):
   cast = [bfloat16_round_trip(s) for s in snapshots]
   assert schedules(cast[-1][0]) == schedules(snapshots[-1][0])
   assert schedules(cast[-1][0])['ema_power=0.3']['ema_power'] == 0.3
-  model, _ = optax_bema.synthesize(synthesis_target(), cast)
+  model, _, _ = optax_bema.synthesize(synthesis_target(), cast)
   # The arrays themselves are rounded to bfloat16 (8 bits): |w| <= 3.
   assert error(model, online['synthesis']) < 3 * 2.0 ** -8
 
@@ -259,7 +259,7 @@ def test_settings_survive_an_orbax_checkpoint_saved_as_bfloat16(
     restored = [(r['opt_state'], r['params']) for r in (
         manager.restore(s) for s in manager.all_steps())]
   assert schedules(restored[-1][0]) == schedules(snapshots[-1][0])
-  model, _ = optax_bema.synthesize(synthesis_target(), restored)
+  model, _, _ = optax_bema.synthesize(synthesis_target(), restored)
   assert error(model, online['synthesis']) < 3 * 2.0 ** -8
 
 
@@ -312,7 +312,7 @@ def test_snapshots_of_two_runs_are_refused(run, other_run, mix):
 def test_snapshots_of_two_runs_with_a_burn_in_are_refused():
   # theta_0 is the iterate at step 50: the snapshots before it hold others.
   a, _, online = train(update_after=50)
-  model, _ = optax_bema.synthesize(synthesis_target(50), a)
+  model, _, _ = optax_bema.synthesize(synthesis_target(50), a)
   assert error(model, online['synthesis']) < CLEAN_TOLERANCE
   b = train(theta_0=(1.5, -0.5, 0.0, 2.0), seed=1, update_after=50)[0]
   with pytest.raises(ValueError, match='step 100 has another theta_0 .* '
@@ -407,7 +407,7 @@ def named_chain(last):
 @pytest.mark.parametrize('wrap', [multi_transform, named_chain])
 def test_posthoc_ema_and_averages_inside_a_wrapper(wrap):
   snapshots, saved, online = train(wrap=wrap)
-  model, _ = optax_bema.synthesize(synthesis_target(), snapshots)
+  model, _, _ = optax_bema.synthesize(synthesis_target(), snapshots)
   assert error(model, online['synthesis']) < CLEAN_TOLERANCE
   if wrap is multi_transform:  # 'b' is never averaged: its params
     np.testing.assert_array_equal(model['b'], snapshots[-1][1]['b'])
@@ -423,7 +423,7 @@ def test_orbax_restore_without_a_target_gives_the_online_model(
     run, checkpoint_dir):
   with ocp.CheckpointManager(checkpoint_dir) as manager:
     saved = Saved(manager)
-    model, _ = optax_bema.synthesize(synthesis_target(), saved)
+    model, _, _ = optax_bema.synthesize(synthesis_target(), saved)
     restored = next(iter(saved))[0]
   assert error(model, run[2]['synthesis']) < CLEAN_TOLERANCE
   assert isinstance(restored[-1], dict)  # what Orbax gives without one
@@ -433,7 +433,7 @@ def test_dict_members_inside_an_averages_state(run):
   snapshots, _, online = run
   as_dicts = [(with_members(s, lambda m: {
       k: v._asdict() for k, v in m.items()}), p) for s, p in snapshots]
-  model, _ = optax_bema.synthesize(synthesis_target(), as_dicts)
+  model, _, _ = optax_bema.synthesize(synthesis_target(), as_dicts)
   assert error(model, online['synthesis']) < CLEAN_TOLERANCE
 
 

@@ -227,7 +227,7 @@ def test_synthesize_is_no_worse_than_edm2_reconstruction():
         atol=1e-12)
     x = edm2_coefficients(basis, (num_steps, _oracle.power_exponent(std)))
     edm2 = np.linalg.norm(x @ columns - target) / np.linalg.norm(target)
-    model, _ = optax_bema.synthesize(optax_bema.power_ema(std), snapshots)
+    model, _, _ = optax_bema.synthesize(optax_bema.power_ema(std), snapshots)
     ours = np.linalg.norm(np.asarray(model, np.float64) - target) / (
         np.linalg.norm(target))
     print(f'std {std}: relative profile error EDM2 {edm2:.3e}, '

@@ -79,3 +79,11 @@ def test_state_sharded_over_more_axes_than_params(report, case):
   assert result['errors'] == []
   assert result['params_diff'] <= TOLERANCE
   assert result['averaged_diff'] <= TOLERANCE
+
+
+def test_synthesis_from_averages_sharded_unlike_the_params(report):
+  """posthoc_ema's averages split over the data axis too: synthesize lays
+  each saved array out as the params and gives one device's model."""
+  result = report['zero_synthesis']
+  assert result['errors'] == []
+  assert result['diff'] <= TOLERANCE
