@@ -1,0 +1,7 @@
+"""``python -m optax_bema``: the ``optax-bema`` command."""
+
+import sys
+
+from optax_bema._cli import main
+
+sys.exit(main())
