@@ -279,6 +279,8 @@ def _described(decoded) -> tuple[str, str]:
 def _synthesized(ckpt, steps, targets, args):
   import optax_bema
   keys = [args.state_key, args.params_key]
+  for key in keys:
+    ckpt.metadata(steps[-1], key)
 
   class Snapshots:
     reads = 0
@@ -311,7 +313,9 @@ class _Checkpoints:
   def __init__(self, directory: str):
     if not os.path.isdir(directory):
       raise Refused(f'{directory} is not a directory')
+    from absl import logging
     import orbax.checkpoint as ocp
+    logging.set_verbosity(logging.ERROR)  # Orbax's notes are not the user's
     self._ocp = ocp
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
@@ -353,21 +357,23 @@ class _Checkpoints:
       self.metadata(step, key)
 
     def args(path, meta):
-      if keep is not None and not keep(path):
+      if _names(path)[0] not in keys or (keep is not None and not keep(path)):
         return ocp.PLACEHOLDER
       if not hasattr(meta, 'shape'):
         return ocp.RestoreArgs()
       return ocp.ArrayRestoreArgs(sharding=_sharding(meta, jax),
                                   global_shape=meta.shape, dtype=meta.dtype)
-    item = {k: tree[k] for k in keys}
-    restore_args = jax.tree_util.tree_map_with_path(args, item)
-    return self._manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    restore_args = jax.tree_util.tree_map_with_path(args, tree)
+    item = jax.tree.map(lambda a, m: a if a is ocp.PLACEHOLDER else m,
+                        restore_args, tree)
+    saved = self._manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args))
+    return {k: saved[k] for k in keys}
 
   def records(self, step: int, key: str) -> dict:
     """The averages' records at ``step`` (empty if it saved none)."""
     import jax
-    tree = self.metadata(step, key)[key]
+    tree = self._manager.item_metadata(step).tree.get(key, {})
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
              if _names(p)[-2:-1] == ['settings']]
     if not paths:
@@ -417,7 +423,8 @@ def _progress(steps, description):
     from tqdm import tqdm
   except ImportError:
     return steps
-  return tqdm(steps, desc=description, unit='checkpoint', leave=False)
+  return tqdm(steps, desc=description, unit='checkpoint', leave=False,
+              disable=None)  # None: no bar where stderr is not a terminal
 
 
 def _table(header, rows, indent=''):
