@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import inspect
 import math
 import os
 import pathlib
@@ -48,9 +49,8 @@ import jax.numpy as jnp
 import optax
 
 import optax_bema
-from optax_bema import _posthoc
 
-# The helpers every group shares (_common, _transforms) are one folder up.
+# The helpers every group shares (_common) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _timing
@@ -58,8 +58,9 @@ from optax_bema import catalog
 
 LEARNING_RATE = 1e-3
 # How many averages posthoc_ema() tracks by default (theta_0 aside).
-_POSTHOC_TRACKED = len(_posthoc.DEFAULT_POSTHOC_POWERS
-                       + _posthoc.DEFAULT_POSTHOC_STDS)
+_POSTHOC_DEFAULTS = inspect.signature(optax_bema.posthoc_ema).parameters
+_POSTHOC_TRACKED = len(tuple(_POSTHOC_DEFAULTS['ema_powers'].default)
+                       + tuple(_POSTHOC_DEFAULTS['stds'].default))
 IDLE_FREQ = 400  # a stabilizer's default: most steps do not update it
 
 # name: (width, layers, vocabulary, context); about 12 w^2 per layer.
