@@ -31,7 +31,9 @@ from optax_bema._stabilizers import ema
 from optax_bema._stabilizers import ouema
 from optax_bema._stabilizers import power_ema
 from optax_bema._synthesis import Synthesized
+from optax_bema._synthesis import SynthesizedProfile
 from optax_bema._synthesis import synthesize
+from optax_bema._synthesis import synthesized_profile
 from optax_bema._targets import profile
 from optax_bema._targets import uniform_profile
 
@@ -47,6 +49,7 @@ __all__ = [
     'PaceState',
     'PaceTelemetry',
     'Synthesized',
+    'SynthesizedProfile',
     'adaptive_ademamix',
     'averaged_params',
     'averages',
@@ -62,5 +65,6 @@ __all__ = [
     'replay',
     'snapshot_steps',
     'synthesize',
+    'synthesized_profile',
     'uniform_profile',
 ]
