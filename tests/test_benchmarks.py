@@ -283,3 +283,40 @@ def test_overhead_tables_agree_with_the_readme():
   # posthoc_ema) are held to their own floors by the compiled-step tests.
   assert {k: floors[k] for k in readme} == pytest.approx(readme, abs=0.005)
   assert set(overhead.TARGETS) <= set(floors)
+
+
+def test_long_run_energy_is_the_quadratics_covariance():
+  """The screen's closed form E ||sum_s v_s theta_s||^2 against the mean and
+  covariance of SGD's iterates, written out step by step."""
+  import posthoc_long_runs  # pylint: disable=g-import-not-at-top
+  num_steps, curvatures = 30, np.array([1.0, 0.1, 0.01])
+  v = np.random.default_rng(0).normal(size=num_steps + 1)
+  lr, noise = posthoc_long_runs.LEARNING_RATE, posthoc_long_runs.NOISE
+  s = np.arange(num_steps + 1)
+  expected = 0.0
+  for h in curvatures:
+    a = 1 - lr * h
+    mean = posthoc_long_runs.START * a ** s
+    # theta_s - mean = -lr sum_{k=1}^{s} a^(s-k) xi_k: independent noises.
+    gain = np.where(s[:, None] >= s[None, 1:],
+                    a ** np.maximum(s[:, None] - s[None, 1:], 0), 0.0)
+    covariance = (lr * noise) ** 2 * gain @ gain.T
+    expected += (v @ mean) ** 2 + v @ covariance @ v
+  quadratic = posthoc_long_runs.Quadratic(num_steps, curvatures)
+  assert quadratic.energy(v) == pytest.approx(expected, rel=1e-10)
+  at = np.array([0, 7, 30])
+  assert quadratic.iterate_energy(at) == pytest.approx(
+      [quadratic.energy(np.eye(num_steps + 1)[t]) for t in at], rel=1e-10)
+
+
+def test_posthoc_long_runs_quick(tmp_path):
+  run_benchmark('synthetic/posthoc_long_runs.py', '--quick', '--out',
+                str(tmp_path), cwd=tmp_path)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['tracked'] and results['table'] and results['cost']
+  # The chosen set at snapshot_steps' placement, on models: within 2%.
+  f32 = [r['error'] for r in results['validation']
+         if r['storage'] == 'float32, ridge 1e-4' and r['snapshots'] == 40]
+  assert f32 and max(f32) < 0.02
+  assert 'Profile residual' in (tmp_path / 'results.md').read_text()
+  assert (tmp_path / 'errors.png').stat().st_size > 0

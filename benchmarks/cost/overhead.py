@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import inspect
+import json
 import math
 import os
 import pathlib
