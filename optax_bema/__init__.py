@@ -13,6 +13,8 @@ from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
+from optax_bema._fit import SynthesizedProfile
+from optax_bema._fit import synthesized_profile
 from optax_bema._kinds import BemaState
 from optax_bema._kinds import DemaState
 from optax_bema._kinds import EmaState
@@ -47,6 +49,7 @@ __all__ = [
     'PaceState',
     'PaceTelemetry',
     'Synthesized',
+    'SynthesizedProfile',
     'adaptive_ademamix',
     'averaged_params',
     'averages',
@@ -62,5 +65,6 @@ __all__ = [
     'replay',
     'snapshot_steps',
     'synthesize',
+    'synthesized_profile',
     'uniform_profile',
 ]
