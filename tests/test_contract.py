@@ -99,6 +99,18 @@ def models(case, state, params):
   return {None: optax_bema.averaged_params(state, params)}
 
 
+def assert_same_run(case, run, reference, *, rtol, atol):
+  """The params of ``run``, ``(params, state)``, and every model the
+  transform returns from it are the reference run's, and finite."""
+  (params, state), (want, want_state) = run, reference
+  assert_trees_close(params, want, rtol=rtol, atol=atol)
+  if case in AVERAGING:
+    model = models(case, state, params)
+    assert all_finite(model)
+    assert_trees_close(model, models(case, want_state, want), rtol=rtol,
+                       atol=atol)
+
+
 def make_params(dtype=jnp.float32):
   return {'w': jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(3, 4),
           'b': jnp.asarray([0.5, -0.25, 2.0, 0.0], dtype)}
@@ -265,12 +277,8 @@ def test_multi_steps_applies_the_mean_gradient(case):
   want, want_state = params, tx.init(params)
   for s1, s2 in zip(scales[::2], scales[1::2]):
     want, want_state = plain(want, want_state, (s1 + s2) / 2)
-  assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
-  if case in AVERAGING:
-    model = models(case, state, got)
-    assert all_finite(model)
-    assert_trees_close(model, models(case, want_state, want),
-                       rtol=1e-6, atol=1e-7)
+  assert_same_run(case, (got, state), (want, want_state), rtol=1e-6,
+                  atol=1e-7)
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -583,12 +591,8 @@ def test_apply_if_finite_skips_the_bad_step(case):
   want, want_state = make_params(), tx.init(make_params())
   for _ in range(STEPS - 1):
     want, want_state = step(want, want_state, ONES)
-  assert_trees_close(params, want, rtol=1e-5, atol=1e-6)
-  if case in AVERAGING:
-    model = models(case, state, params)
-    assert all_finite(model)
-    assert_trees_close(model, models(case, want_state, want),
-                       rtol=1e-5, atol=1e-6)
+  assert_same_run(case, (params, state), (want, want_state), rtol=1e-5,
+                  atol=1e-6)
   if case == 'pace':
     telemetry = optax_bema.pace_telemetry(state)
     assert all_finite(telemetry)
