@@ -124,7 +124,7 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   if every_step and rule.every_step is not None:
     rule = rule.every_step
   precision = storage(rule, schedule, accumulator_dtype)
-  if precision.deviations:
+  if precision.deviations and rule.deviation is not None:
     rule = rule.deviation
   place = OnHost if offload_to_host else OnDevice
   update_after = schedule.update_after
