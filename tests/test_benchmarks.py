@@ -321,3 +321,13 @@ def test_posthoc_long_runs_quick(tmp_path):
   assert f32 and max(f32) < 0.02
   assert 'Profile residual' in (tmp_path / 'results.md').read_text()
   assert (tmp_path / 'errors.png').stat().st_size > 0
+
+
+def test_merge_command_memory_does_not_grow_with_the_checkpoints(tmp_path):
+  run_benchmark('cost/merge_command.py', '--quick', '--out', str(tmp_path),
+                cwd=tmp_path)
+  results = json.loads((tmp_path / 'results.json').read_text())
+  peaks = {r['checkpoints']: r['peak_mib'] for r in results['rows']}
+  assert sorted(peaks) == [1, 2, 4, 8, 16]
+  # Holding every checkpoint would add 15 of them from k = 1 to k = 16.
+  assert peaks[16] - peaks[1] < 8 * results['checkpoint_mib']
