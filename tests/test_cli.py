@@ -186,3 +186,38 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(run, tmp_path, args, says):
   assert done.stderr.startswith('optax-bema: error:') and says in done.stderr
   assert not (tmp_path / 'out').exists()
   assert not (tmp_path / 'missing').exists()
+
+
+SHARDED_RUN = '''
+import sys, jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((8,), ('x',))
+with ocp.CheckpointManager(sys.argv[1]) as manager:
+  for step in (0, 1, 2):
+    w = jnp.arange(32.0).reshape(8, 4) * (step + 1)
+    manager.save(step, args=ocp.args.StandardSave({'params': {
+        'w': jax.device_put(w, NamedSharding(mesh, P('x')))}}))
+'''
+
+
+@pytest.mark.parametrize('devices', [8, 1])
+def test_merge_restores_a_sharded_checkpoint_on_the_devices_present(
+    tmp_path, devices):
+  flags = '--xla_force_host_platform_device_count='
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f'{flags}8',
+             JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, '-c', SHARDED_RUN, str(tmp_path / 'ckpt')],
+                 env=env, check=True, capture_output=True, timeout=300)
+  env['XLA_FLAGS'] = f'{flags}{devices}'
+  done = subprocess.run(
+      [sys.executable, '-m', 'optax_bema', 'merge', str(tmp_path / 'ckpt'),
+       str(tmp_path / 'out'), '--window', '2'], env=env, capture_output=True,
+      text=True, timeout=300)
+  assert done.returncode == 0, done.stderr
+  saved = ocp.StandardCheckpointer().metadata(tmp_path / 'out')
+  sharding = saved.item_metadata.tree['w'].sharding
+  assert (type(sharding).__name__ == 'NamedShardingMetadata') == (
+      devices == 8), sharding
+  merged = restored(tmp_path / 'out')
+  np.testing.assert_array_equal(merged['w'],
+                                np.arange(32.0).reshape(8, 4) * 2.5)
