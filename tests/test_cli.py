@@ -77,8 +77,13 @@ def command(*args):
 
 
 def restored(directory):
+  """A checkpoint the command wrote, onto this process's first device."""
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(directory))
+    path = os.path.abspath(directory)
+    saved = checkpointer.metadata(path).item_metadata.tree
+    return checkpointer.restore(path, jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved))
 
 
 def assert_close(a, b, tolerance=1e-6):
