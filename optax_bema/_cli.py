@@ -15,6 +15,10 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
+from optax_bema._checkpoint_dir import CheckpointDir
+from optax_bema._checkpoint_dir import describe_steps as _steps
+from optax_bema._checkpoint_dir import save
+
 # A target whose estimated model error (Synthesized.error) exceeds this is
 # refused: the snapshots cannot support it. posthoc_ema's defaults with
 # snapshot_steps(T, 40) synthesize the catalog's long-run targets within
@@ -168,20 +172,13 @@ def window_steps(saved: list[int], last: int, window, every,
   return [start[-1]] + [s for s in saved if last - window < s <= last]
 
 
-def _steps(steps: Sequence[int]) -> str:
-  if len(steps) <= 8:
-    return ', '.join(map(str, steps))
-  return (f'{", ".join(map(str, steps[:3]))}, ..., '
-          f'{", ".join(map(str, steps[-3:]))} ({len(steps)} steps)')
-
-
 # --- Subcommands -------------------------------------------------------------
 
 
 def _merge(args) -> int:
   import optax_bema
   _require_new(args.out_dir)
-  with _Checkpoints(args.ckpt_dir) as ckpt:
+  with CheckpointDir(args.ckpt_dir) as ckpt:
     last = ckpt.end(args.step)
     steps = window_steps(ckpt.steps, last, args.window, args.every,
                          need_saved=True)
@@ -195,7 +192,7 @@ def _merge(args) -> int:
         (s - anchor, ckpt.read(s, [args.params_key])[args.params_key])
         for s in _progress(steps, 'merge'))
     merged = optax_bema.replay(weights, read)
-  _save(args.out_dir, merged)
+  save(args.out_dir, merged)
   print(f'merged {len(steps) - 1} checkpoints, steps {_steps(steps[1:])} '
         f'({args.decay} decay over steps {anchor} to {last}), into '
         f'{args.out_dir}')
@@ -206,7 +203,7 @@ def _merge(args) -> int:
 
 def _synthesize(args) -> int:
   _require_new(args.out_dir)
-  with _Checkpoints(args.ckpt_dir) as ckpt:
+  with CheckpointDir(args.ckpt_dir) as ckpt:
     last = ckpt.end(args.step)
     saved = [s for s in ckpt.steps if s <= last]
     targets = {spec: build_target(spec, saved, last) for spec in args.target}
@@ -229,7 +226,7 @@ def _synthesize(args) -> int:
   partial = tempfile.mkdtemp(prefix='.optax-bema-', dir=parent)
   try:
     for spec in targets:
-      _save(os.path.join(partial, directory_name(spec)), result.model[spec])
+      save(os.path.join(partial, directory_name(spec)), result.model[spec])
     os.rename(partial, args.out_dir)
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
@@ -241,7 +238,7 @@ def _synthesize(args) -> int:
 def _inspect(args) -> int:
   from optax_bema import _averages
   from optax_bema import catalog
-  with _Checkpoints(args.ckpt_dir) as ckpt:
+  with CheckpointDir(args.ckpt_dir) as ckpt:
     print(f'{len(ckpt.steps)} checkpoints in {args.ckpt_dir}: steps '
           f'{_steps(ckpt.steps)}')
     print(f'{args.params_key}: {ckpt.describe(args.params_key)}')
@@ -279,8 +276,7 @@ def _described(decoded) -> tuple[str, str]:
 def _synthesized(ckpt, steps, targets, args):
   import optax_bema
   keys = [args.state_key, args.params_key]
-  for key in keys:
-    ckpt.metadata(steps[-1], key)
+  ckpt.metadata(steps[-1], keys)
 
   class Snapshots:
     reads = 0
@@ -299,122 +295,12 @@ def directory_name(spec: str) -> str:
   return spec.replace(':', '_').replace(',', '_').replace('/', '_')
 
 
-# --- Checkpoints -------------------------------------------------------------
+# --- Output and progress ------------------------------------------------------
 
 
 def _require_new(out_dir: str):
   if os.path.lexists(out_dir):
     raise Refused(f'{out_dir} exists; name a new directory for the output')
-
-
-class _Checkpoints:
-  """A directory of Orbax checkpoints, read-only, one step at a time."""
-
-  def __init__(self, directory: str):
-    if not os.path.isdir(directory):
-      raise Refused(f'{directory} is not a directory')
-    from absl import logging
-    import orbax.checkpoint as ocp
-    logging.set_verbosity(logging.ERROR)  # Orbax's notes are not the user's
-    self._ocp = ocp
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers=ocp.PyTreeCheckpointHandler())
-    self.steps = sorted(self._manager.all_steps())
-    if not self.steps:
-      raise Refused(f'{directory} holds no Orbax checkpoints')
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self._manager.close()
-
-  def end(self, step) -> int:
-    if step is None:
-      return self.steps[-1]
-    if step not in self.steps:
-      raise Refused(f'step {step} was not saved; saved: {_steps(self.steps)}')
-    return step
-
-  def metadata(self, step: int, key: str):
-    tree = self._manager.item_metadata(step).tree
-    if key not in tree:
-      raise Refused(f'the checkpoint at step {step} has no {key!r} (it holds '
-                    f'{", ".join(map(repr, tree))}); see --params-key and '
-                    '--state-key')
-    return tree
-
-  def read(self, step: int, keys: Sequence[str], keep=None) -> dict:
-    """The items ``keys`` of a step, each array on the devices it was saved
-    on where they are present (else on the first device); leaves where
-    ``keep(path)`` is false are skipped."""
-    import jax
-    ocp = self._ocp
-    tree = self.metadata(step, keys[0])
-    for key in keys[1:]:
-      self.metadata(step, key)
-
-    def args(path, meta):
-      if _names(path)[0] not in keys or (keep is not None and not keep(path)):
-        return ocp.PLACEHOLDER
-      if not hasattr(meta, 'shape'):
-        return ocp.RestoreArgs()
-      return ocp.ArrayRestoreArgs(sharding=_sharding(meta, jax),
-                                  global_shape=meta.shape, dtype=meta.dtype)
-    restore_args = jax.tree_util.tree_map_with_path(args, tree)
-    item = jax.tree.map(lambda a, m: a if a is ocp.PLACEHOLDER else m,
-                        restore_args, tree)
-    saved = self._manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args))
-    return {k: saved[k] for k in keys}
-
-  def records(self, step: int, key: str) -> dict:
-    """The averages' records at ``step`` (empty if it saved none)."""
-    import jax
-    tree = self._manager.item_metadata(step).tree.get(key, {})
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-             if _names(p)[-2:-1] == ['settings']]
-    if not paths:
-      return {}
-    wanted = {tuple(_names(p)) for p in paths}
-    saved = self.read(step, [key], keep=lambda p: tuple(_names(p)[1:])
-                      in wanted)[key]
-    return {_names(p)[-1]: _at(saved, p) for p in paths}
-
-  def describe(self, key: str) -> str:
-    import jax
-    import numpy as np
-    leaves = [x for x in jax.tree.leaves(self.metadata(self.steps[-1], key)[
-        key]) if hasattr(x, 'shape')]
-    size = sum(int(np.prod(x.shape)) for x in leaves)
-    dtypes = sorted({str(x.dtype) for x in leaves})
-    return f'{len(leaves)} arrays, {size:,} values ({", ".join(dtypes)})'
-
-
-def _names(path) -> list:
-  return [getattr(k, 'key', getattr(k, 'idx', k)) for k in path]
-
-
-def _at(tree, path):
-  for name in _names(path):
-    tree = tree[name]
-  return tree
-
-
-def _sharding(meta, jax):
-  """The saved sharding on the devices present, else the first device."""
-  try:
-    return meta.sharding.to_jax_sharding()
-  except Exception:  # saved on devices this process does not have
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def _save(directory: str, tree):
-  import orbax.checkpoint as ocp
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(directory), tree)
 
 
 def _progress(steps, description):
