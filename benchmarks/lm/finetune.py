@@ -20,6 +20,13 @@ loss of the model it would RETURN:
   PACE paper's ablation, its Fig. 2: the same EMA power, so the two differ
   only in the pullback), its pullback chosen per rate on a validation split
   from the sweep ``pace/matched/pullback=c`` (c = 0 included).
+* ``merge/linear``, ``merge/cosine``, ``merge/1-sqrt``: checkpoint merging
+  (WSM, arXiv 2507.17634): the constant-rate AdamW run's checkpoints, saved
+  every ``MERGE_EVERY`` steps over the window wsd decays in (the last 20%),
+  merged with ``optax_bema.decay_profile`` weights through
+  ``optax_bema.replay``, so the merge decays the rate with that shape to
+  first order; ``merge/mean``: the plain mean of the same checkpoints
+  (PMA, arXiv 2505.12082). Free on the ``adamw`` trajectory, like ``ema``.
 * ``schedule_free``: ``optax.contrib.schedule_free_adamw`` at the same peak
   rate and warmup, evaluated at ``schedule_free_eval_params``.
 * ``adaptive_ademamix`` against the report's baselines, ``adamw`` and plain
@@ -91,6 +98,8 @@ PACE_MATCHED = dict(ema_power=STABILIZER['ema_power'], delay=0.0,
                     multiplier=STABILIZER['multiplier'],
                     update_freq=UPDATE_FREQ)
 MATCHED = 'pace/matched'
+MERGE_EVERY = 10   # steps between the checkpoints merged: 7 in a quick run
+MERGE_SHAPES = ('linear', 'cosine', '1-sqrt')
 ADEMAMIX_ALPHA = 4.0   # the report's alpha_base, so the baseline differs only
                        # by the adaptivity
 # What PACE at a constant rate must beat: AdamW and its EMA at every schedule.
@@ -146,6 +155,25 @@ class Run:
   readout: Callable[[Any, Any], Any]
   averaged: tuple[str, ...] = ()
   telemetry: Optional[Callable[[Any], dict]] = None
+  merges: dict = dataclasses.field(default_factory=dict)
+
+
+def merge_steps(steps: int) -> list[int]:
+  """The checkpoints merged: every ``MERGE_EVERY`` steps back from the last
+  step over wsd's decay window, its start included (the merge's anchor)."""
+  window = steps - round((1 - _schedules.DECAY_FRACTION) * steps)
+  every = max(1, min(MERGE_EVERY, window))
+  return list(range(steps, steps - window - 1, -every))[::-1]
+
+
+def merge_targets(steps: int) -> dict:
+  """``{name: weights on steps 0..T}``: each decay shape over the window
+  (``decay_profile``) and the plain mean of the same checkpoints."""
+  saved = merge_steps(steps)
+  targets = {f'merge/{shape}': optax_bema.decay_profile(saved, steps, shape)
+             for shape in MERGE_SHAPES}
+  targets['merge/mean'] = optax_bema.uniform_profile(saved, steps)
+  return targets
 
 
 def _live(state, params):
@@ -191,7 +219,9 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
           **STABILIZER)
     out.append(Run('adamw' + suffix(schedule), optax.chain(
         clip, optax.adamw(rate(schedule), weight_decay=WEIGHT_DECAY),
-        optax_bema.averages(**stabilizers)), _live, tuple(stabilizers)))
+        optax_bema.averages(**stabilizers)), _live, tuple(stabilizers),
+                   merges=merge_targets(config['steps'])
+                   if schedule == 'constant' else {}))
   pace_runs = [('pace' + suffix(schedule), schedule, PACE['pullback'])
                for schedule in config['pace_schedules']]
   pace_runs += [(f'pace/pullback={c}', 'constant', c)
@@ -255,18 +285,36 @@ def trainer(run: Run, model, eval_set, validation, eval_every):
     losses = jax.lax.map(lambda p: loss(p, windows), stacked)
     return dict(zip(models, losses))
 
+  @jax.jit
+  def evaluate_models(models, windows):
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *models.values())
+    return dict(zip(models, jax.lax.map(lambda p: loss(p, windows), stacked)))
+
+  saves = sorted({int(s) for w in run.merges.values()
+                  for s in np.flatnonzero(w)})
+
   def train(params, batches, bar):
     state = run.tx.init(params)
     curves = {}
+    # The checkpoints a merge reads, kept on the host as a run saves them;
+    # replay needs step 0 first, which no merge weighs.
+    checkpoints = [(0, jax.device_get(params))] if saves else []
     for t in range(len(batches) + 1):
       if t:
         params, state = step(params, state, batches[t - 1])
         bar.update()
+      if t in saves:
+        checkpoints.append((t, jax.device_get(params)))
       if t % eval_every == 0 or t == len(batches):
         for k, v in evaluate(params, state, eval_set).items():
           curves.setdefault(k, []).append([t, float(v)])
     telemetry = run.telemetry(state) if run.telemetry else {}
     validated = evaluate(params, state, validation)
+    if run.merges:   # a merge exists at the last step only: a one-point curve
+      merged = optax_bema.replay(run.merges, checkpoints)
+      for k, v in evaluate_models(merged, eval_set).items():
+        curves[k] = [[len(batches), float(v)]]
+      validated.update(evaluate_models(merged, validation))
     return (curves, {k: float(v) for k, v in telemetry.items()},
             {k: float(v) for k, v in validated.items()})
   return train
@@ -469,6 +517,12 @@ def main(argv=None):
                             pullback_sweep=list(config['matched_pullbacks']),
                             chosen_by='mean final validation loss over seeds, '
                             f'{len(validation)} windows of the training text'),
+          merges=dict(steps=merge_steps(config['steps']),
+                      shapes=list(MERGE_SHAPES), every=MERGE_EVERY,
+                      how='optax_bema.decay_profile(steps, T, shape) for '
+                          'each shape, uniform_profile(steps, T) for the '
+                          'mean; optax_bema.replay on the adamw run\'s '
+                          'params at those steps'),
           pace_only=args.pace_only,
           ademamix_alpha=ADEMAMIX_ALPHA, machine=_common.machine_line(),
           wall_seconds=round(wall, 1)))
