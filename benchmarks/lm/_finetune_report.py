@@ -273,7 +273,7 @@ def _merge_schedules_panel(ax, merges: Mapping, steps: int):
   weights = {f'merge/{shape}': optax_bema.decay_profile(saved, steps, shape)
              for shape in merges['shapes']}
   weights['merge/mean'] = optax_bema.uniform_profile(saved, steps)
-  t = np.arange(saved[0] - MERGE_MARGIN, steps)
+  t = np.arange(max(0, saved[0] - MERGE_MARGIN), steps)
   for name, w in weights.items():
     tail = np.cumsum(w[::-1])[::-1]       # tail[s] = sum of w from s on
     ax.step(t, tail[t + 1], where='post', label=name, lw=1.2)
@@ -284,7 +284,7 @@ def _merge_schedules_panel(ax, merges: Mapping, steps: int):
   ax.set_ylabel('rate multiplier')
   ax.set_title('the decay each merge applies to the constant-rate run '
                f'(checkpoints {saved[0]}..{saved[-1]} every '
-               f'{merges["every"]})', fontsize=9)
+               f'{saved[1] - saved[0]})', fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
 

@@ -394,10 +394,11 @@ def main():
 
   merging = {}
   for i, (problem, spec) in enumerate(PROBLEMS.items()):
-    args = (spec['eigs'], spec['eta'], SIGMA, START_OFFSET, steps)
-    samples = _merging.simulate(*args, seeds, np.random.default_rng(300 + i))
+    setting = (spec['eigs'], spec['eta'], SIGMA, START_OFFSET, steps)
+    samples = _merging.simulate(*setting, seeds,
+                                np.random.default_rng(300 + i))
     merging[problem] = dict(last_iterate=float(samples['last_iterate'].mean()))
-    for name, closed in _merging.theory(*args).items():
+    for name, closed in _merging.theory(*setting).items():
       kind, shape = name.split('/')
       oracles.append(oracle(f'{kind}/{problem}/{shape}', samples[name],
                             closed))
