@@ -282,9 +282,8 @@ def _merge_schedules_panel(ax, merges: Mapping, steps: int):
           label='wsd (decayed run)')
   ax.set_xlabel('update step t')
   ax.set_ylabel('rate multiplier')
-  ax.set_title('the decay each merge applies to the constant-rate run '
-               f'(checkpoints {saved[0]}..{saved[-1]} every '
-               f'{saved[1] - saved[0]})', fontsize=9)
+  ax.set_title(f'the decay each merge stands for (checkpoints {saved[0]}..'
+               f'{saved[-1]} every {saved[1] - saved[0]})', fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
 
@@ -320,8 +319,8 @@ def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
                     (k for k in methods if k.startswith('pace/matched/')),
                     key=lambda k: float(k.split('=')[1])),
                 f'pace/matched pullback sweep and the ema baseline, lr {lr:g}')
-  _merges_panel(axes[3, 0], methods, 'checkpoint merging: the constant-rate '
-                f'run merged vs decayed, and its averages, lr {lr:g}')
+  _merges_panel(axes[3, 0], methods, 'constant-rate run merged vs decayed '
+                f'vs averaged, lr {lr:g}')
   _merge_schedules_panel(axes[3, 1], results['config']['merges'],
                          results['config']['steps'])
   axes[3, 2].axis('off')
