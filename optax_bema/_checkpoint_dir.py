@@ -110,10 +110,13 @@ def _at(tree, path):
 
 def _sharding(meta, jax):
   """The saved sharding on the devices present, else the first device."""
+  first = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if meta.sharding is None:  # saved as a NumPy array
+    return first
   try:
     return meta.sharding.to_jax_sharding()
   except ValueError:  # saved on devices this process does not have
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return first
 
 
 def save(directory: str, tree):

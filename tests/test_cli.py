@@ -3,10 +3,10 @@ a training loop wrote.
 
 Two runs of AdamW on a noisy linear regression, 200 steps: one with
 ``posthoc_ema`` saving ``{'params', 'opt_state'}`` at ``snapshot_steps(200,
-20)`` (the layout the docs use), one saving only its params every 10 steps
-from step 10 (no averaging state, no step 0). The command's models are
-compared with a mean computed here in NumPy and with the library called in
-this process on the same snapshots.
+20)`` (the layout the docs use), one saving only its params, as NumPy
+arrays, every 10 steps from step 10 (no averaging state, no step 0). The
+command's models are compared with a mean computed here in NumPy and with
+the library called in this process on the same snapshots.
 """
 
 import os
@@ -66,7 +66,8 @@ def run(tmp_path_factory):
           {'params': params, 'opt_state': state}))
   with ocp.CheckpointManager(root / 'params') as manager:
     for s in range(PARAMS_EVERY, NUM_STEPS + 1, PARAMS_EVERY):
-      manager.save(s, args=ocp.args.StandardSave({'params': history[s][1]}))
+      manager.save(s, args=ocp.args.StandardSave(
+          {'params': jax.device_get(history[s][1])}))   # NumPy arrays
   return history, root / 'posthoc', root / 'params'
 
 
