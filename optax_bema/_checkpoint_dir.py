@@ -61,7 +61,7 @@ class CheckpointDir:
     tree = self.metadata(step, keys)
 
     def args(path, meta):
-      if _names(path)[0] not in keys or (keep is not None and not keep(path)):
+      if key_names(path)[0] not in keys or (keep and not keep(path)):
         return ocp.PLACEHOLDER
       if not hasattr(meta, 'shape'):
         return ocp.RestoreArgs()
@@ -74,18 +74,24 @@ class CheckpointDir:
         item=item, restore_args=restore_args))
     return {k: saved[k] for k in keys}
 
-  def records(self, step: int, key: str) -> dict:
-    """The averages' records at ``step`` (empty if it saved none)."""
+  def averages(self, step: int, key: str) -> list[list]:
+    """The key paths of the averages states (``{'members', 'settings'}``)
+    in ``key`` at ``step``, from its metadata."""
     import jax
     tree = self._manager.item_metadata(step).tree.get(key, {})
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
-             if _names(p)[-2:-1] == ['settings']]
-    if not paths:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    found = [[key, *key_names(p)[:-2]] for p, _ in leaves
+             if key_names(p)[-2:-1] == ['settings']]
+    return [p for i, p in enumerate(found) if p not in found[:i]]
+
+  def records(self, step: int, key: str) -> dict:
+    """The averages' records at ``step`` (empty if it saved none)."""
+    prefixes = self.averages(step, key)
+    if len(prefixes) != 1:
       return {}
-    wanted = {tuple(_names(p)) for p in paths}
-    saved = self.read(step, [key], keep=lambda p: tuple(_names(p)[1:])
-                      in wanted)[key]
-    return {_names(p)[-1]: _at(saved, p) for p in paths}
+    settings = prefixes[0] + ['settings']
+    saved = self.read(step, [key], keep=lambda p: key_names(p)[:-1] == settings)
+    return dict(_at(saved, settings))
 
   def describe(self, key: str) -> str:
     import jax
@@ -97,13 +103,13 @@ class CheckpointDir:
     return f'{len(leaves)} arrays, {size:,} values ({", ".join(dtypes)})'
 
 
-def _names(path) -> list:
+def key_names(path) -> list:
   """A key path as its dict keys and sequence indices."""
   return [getattr(k, 'key', getattr(k, 'idx', k)) for k in path]
 
 
 def _at(tree, path):
-  for name in _names(path):
+  for name in key_names(path):
     tree = tree[name]
   return tree
 

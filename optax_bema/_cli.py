@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from optax_bema._checkpoint_dir import CheckpointDir
 from optax_bema._checkpoint_dir import describe_steps as _steps
+from optax_bema._checkpoint_dir import key_names as _names
 from optax_bema._checkpoint_dir import save
 
 # A target whose estimated model error (Synthesized.error) exceeds this is
@@ -277,6 +278,16 @@ def _synthesized(ckpt, steps, targets, args):
   import optax_bema
   keys = [args.state_key, args.params_key]
   ckpt.metadata(steps[-1], keys)
+  prefixes = ckpt.averages(steps[-1], args.state_key)
+  if len(prefixes) != 1:
+    raise Refused(f'the optimizer state at step {steps[-1]} holds '
+                  f'{len(prefixes)} averages states; synthesis needs one '
+                  '(train with optax_bema.posthoc_ema() last in the chain)')
+
+  def wanted(path):  # the params and the averages, not Adam's moments
+    names = _names(path)
+    return names[0] == args.params_key or names[:len(prefixes[0])] == (
+        prefixes[0])
 
   class Snapshots:
     reads = 0
@@ -284,7 +295,7 @@ def _synthesized(ckpt, steps, targets, args):
     def __iter__(self):
       self.reads += 1
       for step in _progress(steps, f'read {self.reads} of 2'):
-        saved = ckpt.read(step, keys)
+        saved = ckpt.read(step, keys, keep=wanted)
         yield saved[args.state_key], saved[args.params_key]
 
   return optax_bema.synthesize(targets, Snapshots())
