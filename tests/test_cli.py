@@ -10,6 +10,7 @@ the library called in this process on the same snapshots.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,10 +72,16 @@ def run(tmp_path_factory):
   return history, root / 'posthoc', root / 'params'
 
 
-def command(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, '-m', 'optax_bema', *map(str, args)],
-                        capture_output=True, text=True, env=env, timeout=300)
+# The installed console script where the package is installed with it (CI
+# reinstalls), else the same entry point through python -m.
+SCRIPT = shutil.which('optax-bema', path=os.path.dirname(sys.executable))
+COMMAND = [SCRIPT] if SCRIPT else [sys.executable, '-m', 'optax_bema']
+
+
+def command(*args, **env):
+  env = dict(os.environ, PYTHONPATH=ROOT, **env)
+  return subprocess.run([*COMMAND, *map(str, args)], capture_output=True,
+                        text=True, env=env, timeout=300)
 
 
 def restored(directory):
@@ -214,11 +221,8 @@ def test_merge_restores_a_sharded_checkpoint_on_the_devices_present(
              JAX_PLATFORMS='cpu')
   subprocess.run([sys.executable, '-c', SHARDED_RUN, str(tmp_path / 'ckpt')],
                  env=env, check=True, capture_output=True, timeout=300)
-  env['XLA_FLAGS'] = f'{flags}{devices}'
-  done = subprocess.run(
-      [sys.executable, '-m', 'optax_bema', 'merge', str(tmp_path / 'ckpt'),
-       str(tmp_path / 'out'), '--window', '2'], env=env, capture_output=True,
-      text=True, timeout=300)
+  done = command('merge', tmp_path / 'ckpt', tmp_path / 'out', '--window', 2,
+                 XLA_FLAGS=f'{flags}{devices}', JAX_PLATFORMS='cpu')
   assert done.returncode == 0, done.stderr
   saved = ocp.StandardCheckpointer().metadata(tmp_path / 'out')
   sharding = saved.item_metadata.tree['w'].sharding
