@@ -112,11 +112,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
                   f'{", ".join(kinds)}, as KIND:KEY=VALUE,...')
   settings: dict[str, Any] = {}
   for item in filter(None, rest.split(',')):
-    key, eq, value = item.partition('=')
-    if not eq or not key.strip() or not value.strip() or key in settings:
+    key, eq, value = (part.strip() for part in item.partition('='))
+    if not eq or not key or not value or key in settings:
       raise Refused(f'target {spec!r}: {item!r} is not one KEY=VALUE '
                     '(settings are KEY=VALUE separated by commas)')
-    settings[key.strip()] = _value(value.strip())
+    settings[key] = _value(value)
   return kind, settings
 
 
