@@ -113,9 +113,11 @@ def parse_spec(spec: str) -> tuple[str, dict]:
   settings: dict[str, Any] = {}
   for item in filter(None, rest.split(',')):
     key, eq, value = (part.strip() for part in item.partition('='))
-    if not eq or not key or not value or key in settings:
+    if not eq or not key or not value:
       raise Refused(f'target {spec!r}: {item!r} is not one KEY=VALUE '
                     '(settings are KEY=VALUE separated by commas)')
+    if key in settings:
+      raise Refused(f'target {spec!r}: {key!r} is given twice')
     settings[key] = _value(value)
   return kind, settings
 
