@@ -137,7 +137,7 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   fields = rule.update
   # Updated every few steps, an average counts its updates since the
   # burn-in, so a read can say when it has had none (it returns theta_0).
-  counts = not every_step and 'updates' in rule.state_cls._fields
+  counts = not every_step and 'updates' in getattr(rule.state_cls, '_fields')
   if counts:
     reset += (Field('updates', lambda w, theta, s: jnp.zeros([], jnp.int32)),)
     fields += (Field('updates', lambda w, theta, s: s.updates + 1),)
