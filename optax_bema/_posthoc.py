@@ -58,7 +58,7 @@ def posthoc_ema(ema_powers=DEFAULT_POSTHOC_POWERS,
   (``accumulator_dtype``) read well on their own but synthesize worse:
   rounded stochastically at every step, a long one walks by about
   sqrt(t / 6) units in the last place of its lag, which the fit amplifies
-  (worst 12%, 21%, 41% at 2e3, 2e4, 2e5 steps with ``ridge=0.1``, the best
+  (worst 12%, 21%, 42% at 2e3, 2e4, 2e5 steps with ``ridge=0.1``, the best
   measured); track in float32, offloaded if memory is short.
 
   Args:
