@@ -26,7 +26,6 @@ from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import snapshot_steps
-from optax_bema._readout import NeverUpdatedWarning
 from optax_bema._readout import averaged_params
 from optax_bema._replay import replay
 from optax_bema._stabilizers import bema
@@ -45,7 +44,6 @@ __version__ = '0.1.0'
 __all__ = [
     'AdaptiveAdemamixState',
     'AveragesState',
-    'NeverUpdatedWarning',
     'BemaState',
     'DemaState',
     'EmaState',
