@@ -13,6 +13,8 @@ from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
+from optax_bema._choose import Choice
+from optax_bema._choose import choose
 from optax_bema._kinds import BemaState
 from optax_bema._kinds import DemaState
 from optax_bema._kinds import EmaState
@@ -41,6 +43,7 @@ __all__ = [
     'AdaptiveAdemamixState',
     'AveragesState',
     'BemaState',
+    'Choice',
     'DemaState',
     'EmaState',
     'OuemaState',
@@ -51,6 +54,7 @@ __all__ = [
     'averaged_params',
     'averages',
     'bema',
+    'choose',
     'dema',
     'ema',
     'ouema',

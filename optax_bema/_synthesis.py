@@ -129,34 +129,76 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
     raise TypeError('synthesize: snapshots are read twice; pass a list or a '
                     're-iterable object (whose __iter__ loads them lazily), '
                     'not a one-shot iterator or generator.')
+  prepared = prepare(snapshots)
+  names = list(targets)
+  solution = fit(prepared, [targets[k] for k in names], ridge)
+  models = combine(snapshots, prepared, solution.coefficients)
+  errors = model_errors(prepared, solution, models)
+  out = dict(zip(names, models))
+  residual = {k: float(r) for k, r in zip(names, solution.residual)}
+  error = dict(zip(names, errors))
+  if single:
+    return Synthesized(out[None], residual[None], error[None])
+  return Synthesized(out, residual, error)
+
+
+class Prepared(NamedTuple):
+  """The first read of the snapshots, and the fit's basis from it."""
+  first: list       # _Snapshot per snapshot, checked
+  ends: np.ndarray  # their steps
+  basis: list       # _profiles.Columns per tracked average, and the units
+  sources: list     # (snapshot index, average name or None) per column
+  moved: np.ndarray  # ||theta_s - theta at the snapshot before||^2
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.ends[-1])
+
+
+def prepare(snapshots) -> Prepared:
+  """Reads the snapshots once (checked) and lays out the fit's basis."""
   first = _read(snapshots)
   ends = np.array([s.step for s in first], np.int64)
-  members = first[-1].members
-  names = list(targets)
   basis, sources = [], []
-  for name, (rule, schedule, _) in members.items():
+  for name, (rule, schedule, _) in first[-1].members.items():
     columns = rule.profile(schedule, ends)
     keep = [len(ends) - 1] if rule.name == 'initial' else range(len(ends))
     basis.append(_profiles.select(columns, keep))
     sources += [(i, name) for i in keep]
   basis.append(_profiles.units(ends))
   sources += [(i, None) for i in range(len(ends))]
-  wanted = [_targets.columns(targets[k], ends) for k in names]
-  fit = _fit.solve(basis, wanted, ridge)
-  models = _combine(snapshots, first, sources, fit.coefficients)
-  params = first[-1].params_like
-  moved = _fit.path_error(fit, ends, np.array([s.moved for s in first]))
-  out, residual, error = {}, {}, {}
-  for i, (k, m) in enumerate(zip(names, models)):
-    out[k] = _tree.cast_like_params(m, params)
-    residual[k] = float(fit.residual[i])
+  return Prepared(first, ends, basis, sources,
+                  np.array([s.moved for s in first]))
+
+
+def fit(prepared: Prepared, targets: list, ridge: float) -> _fit.Solution:
+  """Each target's coefficients on the saved arrays (no array is read)."""
+  return _fit.solve(prepared.basis,
+                    [_targets.columns(t, prepared.ends) for t in targets],
+                    ridge)
+
+
+def combine(snapshots, prepared: Prepared, coefficients) -> list:
+  """The second read: one model per row of ``coefficients``, with the
+  params' structure, dtypes and shardings."""
+  params = prepared.first[-1].params_like
+  return [_tree.cast_like_params(m, params) for m in _combine(
+      snapshots, prepared.first, prepared.sources, coefficients)]
+
+
+def model_errors(prepared: Prepared, solution: _fit.Solution,
+                 models: list, rows=None) -> list[float]:
+  """Each model's estimated error relative to its distance from the last
+  snapshot's params (``rows``: the solution's rows the models are)."""
+  moved = _fit.path_error(solution, prepared.ends, prepared.moved)
+  params = prepared.first[-1].params_like
+  out = []
+  for i, model in zip(range(len(models)) if rows is None else rows, models):
     distance = math.sqrt(float(_squared_distance(
-        *(_tree.as_accumulator(x, None) for x in (out[k], params)))))
-    error[k] = float(moved[i] / distance) if distance else (
-        0.0 if moved[i] == 0 else math.inf)
-  if single:
-    return Synthesized(out[None], residual[None], error[None])
-  return Synthesized(out, residual, error)
+        *(_tree.as_accumulator(x, None) for x in (model, params)))))
+    out.append(float(moved[i] / distance) if distance else (
+        0.0 if moved[i] == 0 else math.inf))
+  return out
 
 
 class _Snapshot(NamedTuple):
@@ -165,7 +207,9 @@ class _Snapshot(NamedTuple):
   layout: Any          # tree structure and leaf shapes of the params
   checksum: np.ndarray
   params_like: Any     # the params; kept for the last snapshot only
-  moved: float = 0.0   # ||theta_step - theta at the snapshot before||^2
+  # ||theta_step - theta at the snapshot before||^2; for the first
+  # snapshot, from theta_0 where an average holds it (0 otherwise).
+  moved: float = 0.0
 
 
 def _read(snapshots) -> list[_Snapshot]:
@@ -183,12 +227,27 @@ def _read(snapshots) -> list[_Snapshot]:
       out[-1] = out[-1]._replace(params_like=None)  # never all at once
       snap = snap._replace(moved=float(_squared_distance(
           _tree.as_accumulator(params, None), before)))
+    else:
+      snap = snap._replace(moved=_moved_from_start(snap, params))
     out.append(snap)
     layout, last = snap.layout, snap.step
     before = _tree.as_accumulator(params, None)
   if not out:
     raise ValueError('synthesize: no snapshots.')
   return out
+
+
+def _moved_from_start(snap: _Snapshot, params) -> float:
+  """||theta_s - theta_0||^2 for the first snapshot, where an average holds
+  theta_0 and the snapshot is after it: how far the path before the first
+  snapshot moved, which the error estimate must see when the early
+  snapshots were deleted."""
+  for _, schedule, state in snap.members.values():
+    initial = getattr(state, 'initial_params', None)
+    if initial is not None and snap.step > int(schedule.update_after):
+      return float(_squared_distance(_tree.as_accumulator(params, None),
+                                     _tree.as_accumulator(initial, None)))
+  return 0.0
 
 
 @jax.jit
