@@ -6,7 +6,9 @@ last in a chain; PACE, AdamW pulled toward its own EMA; the adaptive
 AdEMAMix; the model they return through :func:`averaged_params`; and the
 tools to choose the average after training (:func:`averages`,
 :func:`profile`, :func:`replay`, :func:`posthoc_ema`,
-:func:`snapshot_steps`, :func:`synthesize`).
+:func:`snapshot_steps`, :func:`synthesize`), and to choose it in one call
+(:func:`choose`, with Orbax: :func:`snapshot_options`,
+:func:`orbax_snapshots`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
@@ -19,6 +21,9 @@ from optax_bema._kinds import BemaState
 from optax_bema._kinds import DemaState
 from optax_bema._kinds import EmaState
 from optax_bema._kinds import OuemaState
+from optax_bema._orbax import OrbaxSnapshots
+from optax_bema._orbax import orbax_snapshots
+from optax_bema._orbax import snapshot_options
 from optax_bema._pace import PaceState
 from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
@@ -46,6 +51,7 @@ __all__ = [
     'Choice',
     'DemaState',
     'EmaState',
+    'OrbaxSnapshots',
     'OuemaState',
     'PaceState',
     'PaceTelemetry',
@@ -57,6 +63,7 @@ __all__ = [
     'choose',
     'dema',
     'ema',
+    'orbax_snapshots',
     'ouema',
     'pace',
     'pace_telemetry',
@@ -64,6 +71,7 @@ __all__ = [
     'power_ema',
     'profile',
     'replay',
+    'snapshot_options',
     'snapshot_steps',
     'synthesize',
     'uniform_profile',

@@ -28,11 +28,13 @@ from optax_bema import _targets
 from optax_bema import _tree
 
 # The largest estimated model error (relative to the model's distance from
-# the last iterate) a synthesized candidate may have to be chosen. The
-# estimate tracks the true error within 0.3-3x with snapshot_steps(T, 40),
-# where the default candidates' estimates stay below 0.02; from thinned or
-# truncated snapshot sets it overestimates 4-100x and the unsupported
-# candidates estimate 0.1 or more (tests/test_choose.py measures both).
+# the last iterate) a synthesized candidate may have to be chosen. Measured
+# on a small MLP trained with Adam for 300 and 1000 steps, the default
+# candidates synthesized from snapshot_steps(T, 40), snapshot_steps(T, 10),
+# the last three of the 40 (Orbax's max_to_keep=3), with and without step
+# 0, and the first 60% of them (a truncated run): every candidate whose
+# estimate was at most 0.02 had a true error of at most 0.018; at 0.05 the
+# true error reached 0.052 (10 snapshots) and 0.030 (three).
 DEFAULT_MAX_ERROR = 0.02
 
 # Flags that keep a row from being chosen.
