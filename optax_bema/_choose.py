@@ -12,8 +12,8 @@ the snapshots cannot support is flagged and never chosen.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -242,7 +242,7 @@ def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
       a scalar, or a dict without ``metric``.
     TypeError: snapshots as a dict or a one-shot iterator.
   """
-  if isinstance(snapshots, Mapping) or iter(snapshots) is snapshots:
+  if isinstance(snapshots, (Mapping, Iterator)):
     raise TypeError('choose: snapshots are read several times; pass a list '
                     'or a re-iterable (orbax_snapshots(manager)), not a '
                     'dict or a one-shot iterator.')
