@@ -95,12 +95,12 @@ class Choice(NamedTuple):
 
   def __str__(self):
     rows = sorted(self.table, key=_order)
-    lines = [f'{"":2}{"name":<22}{"family":<13}{"length":>9}{"score":>12}'
+    lines = [f'{"":2}{"name":<26}{"family":<13}{"length":>9}{"score":>12}'
              f'{"residual":>10}{"error":>9}  flags']
     for r in rows:
       mark = '* ' if r.name == self.name else '  '
       lines.append(
-          f'{mark}{r.name:<22}{r.family:<13}{r.length:>9.4g}'
+          f'{mark}{r.name:<26}{r.family:<13}{r.length:>9.4g}'
           f'{r.score:>12.6g}{r.residual:>10.2g}{r.error:>9.2g}  '
           f'{", ".join(r.flags)}')
     return '\n'.join(lines + ([self.note] if self.note else []))
