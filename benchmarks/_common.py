@@ -8,6 +8,7 @@ last in its chain, each model read with ``averaged_params(..., name=...)``.
 from __future__ import annotations
 
 import argparse
+from importlib import metadata
 import json
 import os
 import platform
@@ -20,7 +21,6 @@ matplotlib.use('Agg')  # benchmarks write PNGs; they never open a window
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import optax
 
-import optax_bema
 from optax_bema import catalog
 
 
@@ -51,7 +51,7 @@ def machine() -> dict:
               devices=jax.device_count(), cpu_count=os.cpu_count(),
               processor=cpu, python=platform.python_version(),
               jax=jax.__version__, optax=optax.__version__,
-              optax_bema=optax_bema.__version__)
+              optax_bema=metadata.version('optax-bema'))
 
 
 def machine_line(info: Mapping[str, object] | None = None) -> str:

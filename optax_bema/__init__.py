@@ -17,6 +17,8 @@ from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
 from optax_bema._choose import Choice
 from optax_bema._choose import choose
+from optax_bema._fit import SynthesizedProfile
+from optax_bema._fit import synthesized_profile
 from optax_bema._kinds import BemaState
 from optax_bema._kinds import DemaState
 from optax_bema._kinds import EmaState
@@ -56,6 +58,7 @@ __all__ = [
     'PaceState',
     'PaceTelemetry',
     'Synthesized',
+    'SynthesizedProfile',
     'adaptive_ademamix',
     'averaged_params',
     'averages',
@@ -74,5 +77,6 @@ __all__ = [
     'snapshot_options',
     'snapshot_steps',
     'synthesize',
+    'synthesized_profile',
     'uniform_profile',
 ]

@@ -19,7 +19,12 @@ from optax_bema import _schedule
 from optax_bema import _tree
 
 # What a saved state's record of a member looks like; bump on any change.
+# Format 2 adds ``"stored": "deviation"`` for a 16-bit average updated
+# every step, held as its deviation from the params; others stay format 1.
 FORMAT_VERSION = 1
+DEVIATION_FORMAT = 2
+
+
 class AveragesState(NamedTuple):
   """State of :func:`averages`: each member's state, and what it computes.
 
@@ -35,8 +40,11 @@ class AveragesState(NamedTuple):
 
 def encode(member: _engine.Stabilizer) -> jax.Array:
   """The record of a member, as saved in :class:`AveragesState`."""
-  text = json.dumps(dict(format=FORMAT_VERSION, kind=member.kind,
-                         settings=member.schedule.record()), sort_keys=True)
+  record = dict(format=FORMAT_VERSION, kind=member.kind,
+                settings=member.schedule.record())
+  if member.rule.deviations:
+    record.update(format=DEVIATION_FORMAT, stored='deviation')
+  text = json.dumps(record, sort_keys=True)
   return jnp.asarray(np.frombuffer(text.encode(), np.uint8))
 
 
@@ -50,17 +58,26 @@ def decode(record, where: str) -> tuple[_engine.Rule, _schedule.Schedule]:
     data = json.loads(bytes(raw.astype(np.uint8)).decode())
     version, kind = data['format'], data['kind']
     settings = data['settings']
+    deviation = data.get('stored') == 'deviation'
+
   except (ValueError, TypeError, KeyError, UnicodeDecodeError) as e:
     raise ValueError(
         f'{where}: the saved record of this average cannot be read ({e}); '
         'it was not written by optax_bema.averages, or was altered (e.g. '
         'cast to another dtype as floats).') from None
-  if version != FORMAT_VERSION or kind not in _kinds.RULES:
+  known = {FORMAT_VERSION: False, DEVIATION_FORMAT: True}
+  if known.get(version) != deviation or kind not in _kinds.RULES:
     raise ValueError(
         f'{where}: a record of format {version!r}, kind {kind!r}; this '
-        f'version of optax_bema reads format {FORMAT_VERSION} of the kinds '
+        f'version of optax_bema reads formats {sorted(known)} of the kinds '
         f'{sorted(_kinds.RULES)}. Upgrade optax_bema to read it.')
-  return _kinds.RULES[kind], _schedule.from_settings(settings)
+  rule = _kinds.RULES[kind]
+  if deviation:
+    rule = (rule.every_step or rule).deviation
+    if rule is None:
+      raise ValueError(f'{where}: a {kind} record stored as a deviation, '
+                       'which this kind never is.')
+  return rule, _schedule.from_settings(settings)
 
 
 def averages(**members: _engine.Stabilizer

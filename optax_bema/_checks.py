@@ -115,3 +115,15 @@ def whole_step(value, caller: str, what: str = 'a step') -> int:
   if value < 0:
     raise ValueError(f'{caller}: {what} must be >= 0, got {value}.')
   return int(value)
+
+
+def float32_weight(schedule, weight):
+  """``weight(t, float32)`` at the schedule's first update step, computed in
+  float32 as the step computes it; None where a setting is not a number
+  (an injected one, checked when it was built)."""
+  names = ('update_after', 'update_freq', *schedule.settings())
+  if not all(is_static(getattr(schedule, n)) for n in names):
+    return None
+  t = np.float32(int(schedule.update_after) + int(schedule.update_freq))
+  with np.errstate(all='ignore'):
+    return float(weight(t, np.float32))

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from optax_bema import _engine
+from optax_bema import _fit
 from optax_bema import _kinds
 from optax_bema import _profiles
 from optax_bema import _readout
@@ -248,6 +249,7 @@ def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
                     'dict or a one-shot iterator.')
   if not (isinstance(max_error, (int, float)) and max_error > 0):
     raise ValueError(f'choose: max_error must be > 0, got {max_error!r}.')
+  _fit.require_ridge(ridge, 'choose')
   if not (isinstance(batch_size, int) and batch_size >= 1):
     raise ValueError(f'choose: batch_size must be an integer >= 1, got '
                      f'{batch_size!r}.')

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_bema import _checks
+from optax_bema import _rounding
 from optax_bema import _tree
 from optax_bema._placement import OnDevice
 from optax_bema._placement import OnHost
@@ -77,6 +78,10 @@ class Rule(NamedTuple):
     scalars: its scalar fields and their values at init and after a burn-in.
     every_step: a leaner rule for the same kind when it updates every step,
       or None.
+    deviation: the same kind with a 16-bit accumulator, updated every step:
+      a state class of its own whose fields in ``deviations`` hold the
+      average minus the params (``_rounding``), or None.
+    deviations: the fields stored so, in a ``deviation`` rule.
   """
   name: str
   state_cls: type
@@ -88,6 +93,8 @@ class Rule(NamedTuple):
   check: Optional[Callable[[Schedule], None]] = None
   scalars: tuple[tuple[str, float], ...] = ()
   every_step: Optional['Rule'] = None
+  deviation: Optional['Rule'] = None
+  deviations: tuple[str, ...] = ()
 
 
 class Stabilizer(optax.GradientTransformationExtraArgs):
@@ -116,6 +123,9 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   every_step = schedule.every_step
   if every_step and rule.every_step is not None:
     rule = rule.every_step
+  precision = storage(rule, schedule, accumulator_dtype)
+  if precision.deviations and rule.deviation is not None:
+    rule = rule.deviation
   place = OnHost if offload_to_host else OnDevice
   update_after = schedule.update_after
   # Without a burn-in its branch would never be taken; don't build it.
@@ -128,10 +138,14 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   def init_fn(params):
     # Leaf by leaf: offloaded, the device never holds more than one extra.
     copy = lambda p: place.store(_tree.copy_tree(p, accumulator_dtype))
+    # A deviation from theta_0, the params at init, starts at zero.
+    zero = lambda p: place.store(_tree.zeros_tree(
+        _tree.float_leaves(p), accumulator_dtype))
     return rule.state_cls(
         count=jnp.zeros([], jnp.int32),
         nonfinite_count=jnp.zeros([], jnp.int32),
-        **{name: jax.tree.map(copy, params) for name in rule.averages},
+        **{name: jax.tree.map(zero if name in rule.deviations else copy,
+                              params) for name in rule.averages},
         **{n: jnp.asarray(v, SCALAR_DTYPE) for n, v in rule.scalars})
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -143,7 +157,7 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
     default accumulator dtype) is finite, so that several averages of one
     iterate test it once. It is used where this update runs every step."""
     _tree.require_params(params, rule.name)
-    if accumulator_dtype is not None or not every_step:
+    if precision.guard_dtype is not None or not every_step:
       finite = None
     # A state that arrives elsewhere (e.g. restored from a checkpoint without
     # memory kinds) moves once; otherwise this is a no-op.
@@ -166,20 +180,30 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
       iterate = jax.tree.map(
           like_sharding, _tree.float_leaves(current),
           getattr(state, rule.averages[0]))  # laid out as the state
-      theta = _tree.as_accumulator(iterate, accumulator_dtype)
-      ok, skipped = guard(due, iterate, accumulator_dtype, shared_finite)
+      theta = precision.theta(iterate, params)
+      ok, skipped = guard(due, iterate, precision.guard_dtype, shared_finite)
       time = jnp.asarray(t, SCALAR_DTYPE)
       weights = Weights(t=time, beta=schedule.beta(time, jnp),
                         alpha=schedule.alpha(time, jnp), schedule=schedule)
-      seen, changed = place.load(state), {}
+      loaded = place.load(state)
+      seen, changed = precision.values(loaded, params), {}
       for name, new in fields:
         value = theta if new is None else new(weights, theta, seen)
-        where = place if name in rule.averages else OnDevice
+        average = name in rule.averages
+        if average:
+          value = precision.store(name, value, theta=theta, iterate=iterate,
+                                  old=getattr(loaded, name), step=t,
+                                  copied=new is None)
+        where = place if average else OnDevice
+        # A deviation guards itself, element by element (``_rounding``).
         changed[name], value = where.commit(
-            ok, value, getattr(state, name), overwrites=new is None)
+            due if name in precision.deviations else ok, value,
+            getattr(state, name), overwrites=new is None)
         # Later fields read the value kept (XLA then reads what it wrote
-        # rather than keep the old value alive: a copy).
-        seen = seen._replace(**{name: value})
+        # rather than keep the old value alive: a copy). Where it is not
+        # kept, neither is theirs.
+        seen = seen._replace(**{name: precision.value(name, value, theta)
+                                if average else value})
       changed['nonfinite_count'] = state.nonfinite_count + skipped
       return changed
 
@@ -208,3 +232,18 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
   transform.rule = rule
   transform.schedule = schedule
   return transform
+
+
+def storage(rule: Rule, schedule: Schedule, accumulator_dtype):
+  """How ``rule``'s averages are stored (``_rounding``): as computed by
+  default; 16-bit ones rounded stochastically, as deviations from the
+  params where the kind has a deviation form and updates every step."""
+  if not _rounding.is_low_precision(accumulator_dtype):
+    return _rounding.Exact(accumulator_dtype)
+  static = {k: v for k, v in schedule.settings().items()
+            if _checks.is_static(v)}
+  salt = _rounding.salt(f'{rule.name} {sorted(static.items())}')
+  if schedule.every_step and rule.deviation is not None:
+    return _rounding.Deviation(accumulator_dtype, rule.averages, salt,
+                               rule.deviation.deviations)
+  return _rounding.Rounded(accumulator_dtype, rule.averages, salt)

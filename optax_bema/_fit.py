@@ -1,4 +1,5 @@
-"""The least-squares fit of a target's profile by tracked profiles.
+"""The least-squares fit of a target's profile by tracked profiles, and
+the synthesized profile it gives (:func:`synthesized_profile`).
 
 Synthesis needs only inner products of profiles: each average's profiles at
 every snapshot come in segment form (``_profiles.Columns``), so the Gram
@@ -9,11 +10,14 @@ grows as 8 bytes x (families) x T, whatever the number of snapshots.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from optax_bema import _averages
+from optax_bema import _checks
 from optax_bema import _profiles
+from optax_bema import _targets
 
 
 def _stack(blocks: list[_profiles.Columns]):
@@ -211,3 +215,123 @@ def fit(target: np.ndarray, basis: np.ndarray, *, ridge: float = 1e-6):
   residual = (np.linalg.norm(x @ basis - targets, axis=-1)
               / np.linalg.norm(targets, axis=-1))
   return (x, residual) if target.ndim == 2 else (x[0], residual[0])
+
+
+def require_ridge(ridge, caller: str):
+  if (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
+      or not math.isfinite(ridge) or ridge < 0):
+    raise ValueError(f'{caller}: ridge must be a finite number >= 0, got '
+                     f'{ridge!r}.')
+
+
+def basis(members: dict, ends: np.ndarray):
+  """The fit's columns: each tracked average's profile at every snapshot
+  (theta_0's at the last), then the params' (unit vectors); and what each
+  column weighs, ``(snapshot index, member name or None for the params)``."""
+  basis, sources = [], []
+  for name, (rule, schedule, _) in members.items():
+    columns = rule.profile(schedule, ends)
+    keep = [len(ends) - 1] if rule.name == 'initial' else range(len(ends))
+    basis.append(_profiles.select(columns, keep))
+    sources += [(i, name) for i in keep]
+  basis.append(_profiles.units(ends))
+  sources += [(i, None) for i in range(len(ends))]
+  return basis, sources
+
+
+class SynthesizedProfile(NamedTuple):
+  """What :func:`synthesized_profile` returns."""
+  profile: Any   # the synthesized model's weights on theta_0..theta_T
+  residual: Any  # ||profile - target|| / ||target||, a float
+  averages: Any  # {tracked name: its model's coefficient at each step}
+  params: Any    # the saved params' coefficient at each step
+
+
+def synthesized_profile(target, tracked, steps, *, ridge: float = 1e-4
+                        ) -> SynthesizedProfile:
+  r"""The weights on the iterates of the model :func:`synthesize` returns.
+
+  Before training, or without its snapshots: what a target's synthesis
+  from the averages ``tracked`` saved at ``steps`` will be, whatever the
+  trajectory. :func:`synthesize` fits the target's profile :math:`w`
+  (T the last step) in least squares by the profiles :math:`b_c` of the
+  tracked averages at every saved step, of the saved params (unit vectors
+  :math:`e_s`) and of theta_0, and returns
+  :math:`\sum_c x_c a_c` for the saved arrays :math:`a_c`, whose weights on
+  the iterates are
+
+  .. math::
+    \hat w = \sum_c x_c b_c, \qquad
+    \text{residual} = \|\hat w - w\| / \|w\|.
+
+  The synthesized model is :math:`\sum_s \hat w_s \theta_s` exactly
+  (up to the saved arrays' rounding, which the coefficients x scale), so
+  :math:`\hat w - w` says what a synthesis gets wrong on any trajectory:
+  where snapshots are too sparse for short averages, and how large the
+  coefficients grow.
+
+  Args:
+    target: a stabilizer, a profile (T + 1 weights), or a dict of them.
+    tracked: an optimizer state holding one :func:`averages` state, as
+      saved (e.g. ``posthoc_ema().init(params)``); only what it tracks is
+      read, not its values.
+    steps: the saved steps, increasing (e.g. :func:`snapshot_steps`); the
+      last is T.
+    ridge: :func:`synthesize`'s ridge.
+
+  Returns:
+    ``SynthesizedProfile(profile, residual, averages, params)``: the T + 1
+    weights :math:`\hat w`, the relative residual, and the coefficients
+    x, as ``{tracked name: one per step}`` for each tracked average's
+    model (theta_0's only at the last step, where it is saved) and one per
+    step for the params; dicts of all four for a dict of targets.
+
+  Raises:
+    ValueError: no steps, steps not increasing, no averages state, a
+      profile of the wrong length, or a negative or non-finite ridge.
+    TypeError: a step that is not an integer, or a target that is neither
+      a stabilizer nor a profile.
+
+  Examples:
+    BEMA is its EMA plus alpha_T (theta_T - theta_0): tracking that EMA
+    synthesizes it exactly, with alpha_100 = 110 ** -0.2 on theta_100.
+
+    >>> import jax.numpy as jnp, optax_bema
+    >>> tracked = optax_bema.averages(
+    ...     ema=optax_bema.ema(update_freq=1)).init(jnp.zeros(2))
+    >>> out = optax_bema.synthesized_profile(
+    ...     optax_bema.bema(update_freq=1), tracked, [0, 50, 100])
+    >>> bool(out.residual < 1e-6), round(float(out.params[-1]), 4)
+    (True, 0.3906)
+
+  References:
+    Karras et al., `Analyzing and Improving the Training Dynamics of
+    Diffusion Models <https://arxiv.org/abs/2312.02696>`_, 2024 (EDM2,
+    the appendix on post-hoc EMA).
+  """
+  single, targets = _targets.as_targets(target, 'synthesized_profile')
+  require_ridge(ridge, 'synthesized_profile')
+  ends = np.array([_checks.whole_step(s, 'synthesized_profile')
+                   for s in steps], np.int64)
+  if not ends.size or np.any(np.diff(ends) <= 0):
+    raise ValueError(f'synthesized_profile: steps must be at least one, '
+                     f'increasing; got {ends.tolist()}.')
+  members = _averages.tracked(tracked, 'synthesized_profile')
+  columns, sources = basis(members, ends)
+  names = list(targets)
+  wanted = [_targets.columns(targets[k], ends) for k in names]
+  fit = solve(columns, wanted, ridge)
+  out = {}
+  for k, x, residual in zip(names, fit.coefficients, fit.residual):
+    blocks = np.split(x, np.cumsum([b.coef.shape[0] for b in columns])[:-1])
+    averages = {name: np.zeros(len(ends)) for name in members}
+    params = np.zeros(len(ends))
+    for (i, name), c in zip(sources, x):
+      (params if name is None else averages[name])[i] = c
+    out[k] = SynthesizedProfile(
+        sum(_profiles.combine(b, c) for b, c in zip(columns, blocks)),
+        float(residual), averages, params)
+  if single:
+    return out[None]
+  return SynthesizedProfile(*({k: getattr(v, f) for k, v in out.items()}
+                              for f in SynthesizedProfile._fields))

@@ -25,6 +25,7 @@ import optax
 from optax_bema import _checks
 from optax_bema import _engine
 from optax_bema import _profiles
+from optax_bema import _rounding
 from optax_bema import _tree
 from optax_bema._placement import like_sharding
 
@@ -78,6 +79,43 @@ class InitialState(NamedTuple):
   initial_params: optax.Params  # theta_0 (the last burn-in step's weights)
 
 
+# A 16-bit average updated every step holds its deviation from the params
+# (``_rounding``); its state class says so, so a saved state is never read
+# as values.
+class EmaDeviationState(EmaState):
+  """:class:`EmaState` of a 16-bit average updated every step: ``ema``
+  holds the average minus the params."""
+  __slots__ = ()
+
+
+class BemaDeviationState(BemaState):
+  """:class:`BemaState` of a 16-bit average updated every step: ``ema``
+  holds the EMA minus the params."""
+  __slots__ = ()
+
+
+class DemaDeviationState(DemaState):
+  """:class:`DemaState` of 16-bit averages updated every step: ``ema``
+  and ``ema_of_ema`` hold each average minus the params."""
+  __slots__ = ()
+
+
+class OuemaDeviationState(OuemaState):
+  """:class:`OuemaState` of a 16-bit average updated every step: ``ema``
+  holds the average minus the params."""
+  __slots__ = ()
+
+
+def _deviation(rule, state_cls, deviations=('ema',)):
+  """``rule`` with its averages in ``deviations`` stored as deviations from
+  the params: read back as ``params + deviation``."""
+  def readout(state, params):
+    return rule.readout(_rounding.with_values(state, deviations, params),
+                        params)
+  return rule._replace(deviation=rule._replace(
+      state_cls=state_cls, readout=readout, deviations=deviations))
+
+
 def _ema_field(name='ema', source=None) -> _engine.Field:
   """``name <- (1 - beta) name + beta x``, x theta_t or another field."""
   def new(w, theta, s):
@@ -119,42 +157,68 @@ def _ouema_check(schedule):
     _checks.check('ouema', name, getattr(schedule, name), lambda v: v > 0,
                   'be > 0 (p_t = (1 + bias_multiplier t) ** -bias_power '
                   'must stay below 1)')
+  # p_t is largest at the first update step; in float32 (the step's
+  # precision) 1 - p_t must stay above 0, or 1 / (1 - p_t) is infinite.
+  p = _checks.float32_weight(schedule, lambda t, f: (
+      f(1) + f(schedule.bias_multiplier) * t) ** -f(schedule.bias_power))
+  if p is not None and not p < 1:
+    raise ValueError(
+        f'ouema: bias_multiplier={schedule.bias_multiplier} and bias_power='
+        f'{schedule.bias_power} give p_t = {p} at the first update step in '
+        'float32, so 1 / (1 - p_t) is infinite; raise bias_multiplier.')
+
+
+def _bema_check(schedule):
+  # alpha_t is largest at the first update step (its base grows with t).
+  alpha = _checks.float32_weight(schedule, lambda t, f: (
+      f(schedule.lag) + f(schedule.bias_multiplier) * t)
+      ** -f(schedule.bias_power))
+  if alpha is not None and not np.isfinite(alpha):
+    raise ValueError(
+        f'bema: lag={schedule.lag}, bias_multiplier='
+        f'{schedule.bias_multiplier} and bias_power={schedule.bias_power} '
+        f'give the bias weight alpha_t = (lag + bias_multiplier t) ** '
+        f'-bias_power = {alpha} at the first update step in float32; raise '
+        'lag or bias_multiplier.')
 
 
 _STEPS = ('update_after', 'update_freq')
 _POWER_LAW = _STEPS + ('ema_power', 'lag', 'multiplier', 'min_ema_multiplier')
 _BIAS = _POWER_LAW + ('bias_power', 'bias_multiplier')
 
-EMA = _engine.Rule(
+EMA = _deviation(_engine.Rule(
     name='ema', state_cls=EmaState, averages=('ema',),
     update=(_ema_field(),), readout=lambda state, params: state.ema,
-    profile=_profiles.ema, settings=_POWER_LAW)
+    profile=_profiles.ema, settings=_POWER_LAW), EmaDeviationState)
 # EDM2's power-function EMA: EMA's state, update and readout, with
 # power-function weights.
-POWER_EMA = EMA._replace(name='power_ema', settings=_STEPS + ('std',))
-DEMA = _engine.Rule(
+POWER_EMA = _deviation(EMA._replace(name='power_ema',
+                                   settings=_STEPS + ('std',)),
+                      EmaDeviationState)
+DEMA = _deviation(_engine.Rule(
     name='dema', state_cls=DemaState, averages=('ema', 'ema_of_ema'),
     update=(_ema_field(), _ema_field('ema_of_ema', source='ema')),
     readout=lambda state, params: jax.tree.map(
         lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
-    profile=_profiles.dema, settings=_POWER_LAW)
-OUEMA = _engine.Rule(
+    profile=_profiles.dema, settings=_POWER_LAW),
+    DemaDeviationState, ('ema', 'ema_of_ema'))
+OUEMA = _deviation(_engine.Rule(
     name='ouema', state_cls=OuemaState, averages=('initial_params', 'ema'),
     update=(_engine.Field('ema', _debiased_ema),),
     readout=lambda state, params: state.ema, profile=_profiles.ouema,
-    settings=_BIAS, check=_ouema_check)
+    settings=_BIAS, check=_ouema_check), OuemaDeviationState)
 # BEMA keeps theta at the last update step, unless it updates every step:
 # then the current params are that theta, and it holds one copy fewer.
-_BEMA_EVERY_STEP = _engine.Rule(
+_BEMA_EVERY_STEP = _deviation(_engine.Rule(
     name='bema', state_cls=BemaState, averages=('initial_params', 'ema'),
     update=(_ema_field(),
             _engine.Field('bias_weight', lambda w, theta, s: w.alpha)),
     readout=_bema_readout, profile=_profiles.bema, settings=_BIAS,
-    scalars=(('bias_weight', 0.0),))
+    check=_bema_check, scalars=(('bias_weight', 0.0),)), BemaDeviationState)
 BEMA = _BEMA_EVERY_STEP._replace(
     averages=_BEMA_EVERY_STEP.averages + ('last_iterate',),
     update=_BEMA_EVERY_STEP.update + (_engine.Field('last_iterate'),),
-    every_step=_BEMA_EVERY_STEP)
+    every_step=_BEMA_EVERY_STEP, deviation=None)
 # theta_0 alone: what posthoc_ema keeps beside its EMAs.
 INITIAL = _engine.Rule(
     name='initial', state_cls=InitialState, averages=('initial_params',),
@@ -166,7 +230,10 @@ INITIAL = _engine.Rule(
 RULES = {r.name: r for r in (EMA, BEMA, DEMA, OUEMA, POWER_EMA, INITIAL)}
 PUBLIC = tuple(name for name in RULES if name != INITIAL.name)
 # The readout of each state class, for averaged_params.
-READOUTS = {r.state_cls: r.readout for r in RULES.values()}
+VARIANTS = tuple(v for r in RULES.values()
+                 for v in (r, r.every_step, r.deviation,
+                           r.every_step and r.every_step.deviation) if v)
+READOUTS = {r.state_cls: r.readout for r in reversed(VARIANTS)}
 
 
 def require_stabilizer(transform, caller: str, what: str):

@@ -121,6 +121,11 @@ def snapshot_steps(num_steps: int, num_snapshots: int) -> list[int]:
   quadratic); 40 evenly spaced snapshots miss short averages by 75% or more
   at 2e5 steps.
 
+  Steps are optimizer updates, the count a stabilizer keeps: under
+  ``optax.MultiSteps`` (gradient accumulation) or ``apply_if_finite`` a
+  loop's micro-step is not one. Label a snapshot with its state's
+  ``count`` (:func:`synthesize` reads it from the state).
+
   If training stops early, at step S, save a snapshot at S too: only the
   evenly spaced snapshots lie before it, so averages wider than their
   spacing (about 4 T / (3 n) steps) are still recovered at S, shorter ones

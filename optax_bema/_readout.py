@@ -3,6 +3,9 @@ to readout (each kind's own, and PACE's)."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from optax_bema import _kinds
 from optax_bema import _pace
 from optax_bema import _tree
@@ -62,6 +65,12 @@ def averaged_params(opt_state, params, name=None):
 
 
 def model(state, params):
-  """The model of one averaging state, in the state's own dtypes."""
+  """The model of one averaging state, in its dtypes, float32 at least: a
+  16-bit average's readout (BEMA's correction, DEMA's extrapolation) is
+  computed in float32, not rounded to 16 bits on the way."""
   state = to_device(state)  # an offloaded state is read on the device
-  return _READOUTS[type(state)](state, params)
+  wide = jax.tree.map(
+      lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+      if _tree.is_float_leaf(x) and jnp.dtype(x.dtype).itemsize < 4 else x,
+      state)
+  return _READOUTS[type(state)](wide, params)

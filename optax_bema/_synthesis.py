@@ -27,7 +27,6 @@ import optax
 
 from optax_bema import _averages
 from optax_bema import _fit
-from optax_bema import _profiles
 from optax_bema import _readout
 from optax_bema import _snapshots
 from optax_bema import _targets
@@ -117,10 +116,7 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
       iterator.
   """
   single, targets = _targets.as_targets(target, 'synthesize')
-  if (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
-      or not math.isfinite(ridge) or ridge < 0):
-    raise ValueError(f'synthesize: ridge must be a finite number >= 0, got '
-                     f'{ridge!r}.')
+  _fit.require_ridge(ridge, 'synthesize')
   if isinstance(snapshots, Mapping):
     raise TypeError('synthesize: snapshots must be (opt_state, params) '
                     'pairs in step order, not a dict; pass '
@@ -159,14 +155,7 @@ def prepare(snapshots) -> Prepared:
   """Reads the snapshots once (checked) and lays out the fit's basis."""
   first = _read(snapshots)
   ends = np.array([s.step for s in first], np.int64)
-  basis, sources = [], []
-  for name, (rule, schedule, _) in first[-1].members.items():
-    columns = rule.profile(schedule, ends)
-    keep = [len(ends) - 1] if rule.name == 'initial' else range(len(ends))
-    basis.append(_profiles.select(columns, keep))
-    sources += [(i, name) for i in keep]
-  basis.append(_profiles.units(ends))
-  sources += [(i, None) for i in range(len(ends))]
+  basis, sources = _fit.basis(first[-1].members, ends)
   return Prepared(first, ends, basis, sources,
                   np.array([s.moved for s in first]))
 

@@ -153,14 +153,27 @@ def require_like_params(model, params, what: str):
 
 
 def cast_like_params(model, params, what: str = 'the average'):
-  """The model in the params' dtypes and layout; non-float leaves are the
-  params' own. ``ValueError`` if a leaf's shape differs from the params'."""
+  """The model in the params' dtypes and layout (a value past a narrower
+  dtype's range clipped to it); non-float leaves are the params' own.
+  ``ValueError`` if a leaf's shape differs from the params'."""
   require_like_params(model, params, what)
   def cast(p, m):
     if isinstance(m, optax.MaskedNode):
       return p
-    return like_sharding(m.astype(p.dtype), p)
+    return like_sharding(saturating_cast(m, p.dtype), p)
   return jax.tree.map(cast, params, model)
+
+
+def saturating_cast(x, dtype):
+  """``x`` in ``dtype``, a finite value beyond its range clipped to its
+  largest: an average of float16 weights, taken in float32, may lie past
+  float16's 65504 after a spike the weights themselves survived."""
+  dtype = jnp.dtype(dtype)
+  if (jnp.issubdtype(dtype, jnp.floating)
+      and jnp.finfo(dtype).max < jnp.finfo(x.dtype).max):
+    top = jnp.finfo(dtype).max.astype(x.dtype)
+    x = jnp.clip(x, -top, top)
+  return x.astype(dtype)
 
 
 def find_state(opt_state, types, *, caller: str, what: str, missing: str,

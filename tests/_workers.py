@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -38,3 +40,21 @@ def run(worker: pathlib.Path, argvs: list[list], timeout_s: float):
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def two_processes_and_one(worker: pathlib.Path, tmp: pathlib.Path,
+                          timeout_s: float, *, own_dirs: bool = False):
+  """Runs ``worker`` as the two processes of one ``jax.distributed`` run
+  and alone; returns the arrays each saved (process 0, process 1, alone).
+
+  A worker's arguments are its output file, with ``own_dirs`` a folder
+  that the processes of one run share, then its process index, the
+  number of processes and the coordinator's port.
+  """
+  port = free_port()
+  outs = [tmp / f'{name}.npz' for name in ('process0', 'process1', 'one')]
+  folder = lambda name: [tmp / name] if own_dirs else []
+  run(worker, [[outs[0], *folder('two'), 0, 2, port],
+               [outs[1], *folder('two'), 1, 2, port],
+               [outs[2], *folder('one'), 0, 1, 0]], timeout_s)
+  return [dict(np.load(out)) for out in outs]

@@ -82,8 +82,16 @@ def _configs() -> dict[str, tuple[str, str, dict]]:
     # The averages are float32 under bfloat16 weights: a cast on the way in.
     out[f'{name}-freq1-after0-bfloat16'] = (name, 'bfloat16',
                                             dict(update_freq=1))
+    # bfloat16 averages of float32 weights, rounded stochastically: every
+    # step as deviations from the params, every 400 steps by value.
+    for freq in (1, 400):
+      out[f'{name}-freq{freq}-after0-accumulator-bfloat16'] = (
+          name, 'float32', dict(update_freq=freq,
+                                accumulator_dtype=jnp.bfloat16))
   # Three EMAs and theta_0 with one shared non-finite test.
   out['posthoc_ema'] = ('posthoc_ema', 'float32', {})
+  out['posthoc_ema-accumulator-bfloat16'] = (
+      'posthoc_ema', 'float32', dict(accumulator_dtype=jnp.bfloat16))
   out['pace'] = ('pace', 'float32', {})
   out['pace-bfloat16'] = ('pace', 'bfloat16', {})
   return out

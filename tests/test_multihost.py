@@ -18,12 +18,8 @@ TIMEOUT_S = 180
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp('multihost')
-  port = _workers.free_port()
-  outs = [tmp / 'process0.npz', tmp / 'process1.npz', tmp / 'one.npz']
-  _workers.run(WORKER, [[outs[0], 0, 2, port], [outs[1], 1, 2, port],
-                        [outs[2], 0, 1, 0]], TIMEOUT_S)
-  return [dict(np.load(out)) for out in outs]
+  return _workers.two_processes_and_one(
+      WORKER, tmp_path_factory.mktemp('multihost'), TIMEOUT_S)
 
 
 def test_both_processes_hold_the_same_model(runs):

@@ -21,13 +21,9 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp('multihost_posthoc')
-  port = _workers.free_port()
-  outs = [tmp / 'process0.npz', tmp / 'process1.npz', tmp / 'one.npz']
-  _workers.run(WORKER, [[outs[0], tmp / 'two', 0, 2, port],
-                        [outs[1], tmp / 'two', 1, 2, port],
-                        [outs[2], tmp / 'one', 0, 1, 0]], TIMEOUT_S)
-  return [dict(np.load(out)) for out in outs]
+  return _workers.two_processes_and_one(
+      WORKER, tmp_path_factory.mktemp('multihost_posthoc'), TIMEOUT_S,
+      own_dirs=True)
 
 
 def test_both_processes_hold_the_same_models(runs):

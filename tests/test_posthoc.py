@@ -229,3 +229,66 @@ def test_synthesize_reads_snapshots_saved_to_host_memory(posthoc_run):
   on_host = optax_bema.synthesize(target, jax.device_get(saved))
   np.testing.assert_allclose(on_host.model, on_device.model, rtol=1e-6)
   assert on_host.residual == on_device.residual
+
+
+# --- synthesized_profile: what a synthesis weighs, before training ---------
+
+def test_synthesized_profile_is_the_least_squares_fit():
+  """Against NumPy's lstsq on the dense profiles (the tracked averages at
+  every saved step and the saved params): the fitted weights, the residual,
+  and the coefficients, which rebuild those weights."""
+  steps = optax_bema.snapshot_steps(300, 8)
+  last = steps[-1]
+  members = {'ema_power=0.5': optax_bema.ema(ema_power=0.5, update_freq=1),
+             'ema_power=0.9': optax_bema.ema(ema_power=0.9, update_freq=1),
+             'std=0.1': optax_bema.power_ema(0.1)}
+  state = optax_bema.posthoc_ema(ema_powers=(0.5, 0.9), stds=(0.1,)).init(
+      jnp.zeros(2))
+
+  def padded(stabilizer, step):
+    return np.pad(optax_bema.profile(stabilizer, step), (0, last - step))
+
+  columns = {(name, s): padded(m, s) for name, m in members.items()
+             for s in steps}
+  columns.update({('params', s): np.eye(last + 1)[s] for s in steps})
+  basis = np.stack(list(columns.values()))
+  targets = {'dema': optax_bema.dema(ema_power=0.6, update_freq=1),
+             'swa': optax_bema.uniform_profile(range(200, last + 1), last)}
+  out = optax_bema.synthesized_profile(targets, state, steps, ridge=0.0)
+  for k, target in targets.items():
+    w = (target if isinstance(target, np.ndarray)
+         else optax_bema.profile(target, last))
+    fitted = basis.T @ np.linalg.lstsq(basis.T, w, rcond=None)[0]
+    np.testing.assert_allclose(out.profile[k], fitted, atol=1e-8)
+    assert out.residual[k] == pytest.approx(
+        np.linalg.norm(fitted - w) / np.linalg.norm(w), rel=1e-5, abs=1e-9)
+    coefficients = dict(out.averages[k])
+    coefficients['params'] = out.params[k]
+    rebuilt = sum(coefficients[name][steps.index(s)] * column
+                  for (name, s), column in columns.items())
+    rebuilt[0] += coefficients['initial'][-1]  # theta_0, saved at the last
+    np.testing.assert_allclose(rebuilt, out.profile[k], atol=1e-9)
+    assert not np.any(coefficients['initial'][:-1])
+
+
+def test_synthesize_returns_the_synthesized_profile_on_the_iterates():
+  _, _, saved = quadratic_run(optax_bema.posthoc_ema(ema_powers=(0.5,)), 60)
+  steps = [0, 20, 40, 55, 60]
+  snapshots = [(state, p) for t, p, state in saved if t in steps]
+  target = optax_bema.bema(ema_power=0.7, update_freq=1)
+  model = optax_bema.synthesize(target, snapshots).model
+  weights = optax_bema.synthesized_profile(target, snapshots[0][0],
+                                           steps).profile
+  iterates = np.stack([np.asarray(p, np.float64) for _, p, _ in saved])
+  np.testing.assert_allclose(model, weights @ iterates, rtol=1e-5, atol=1e-5)
+
+
+def test_synthesized_profile_refuses_bad_steps():
+  state = optax_bema.posthoc_ema().init(jnp.zeros(2))
+  target = optax_bema.ema(update_freq=1)
+  with pytest.raises(ValueError, match='increasing'):
+    optax_bema.synthesized_profile(target, state, [0, 10, 10])
+  with pytest.raises(TypeError):
+    optax_bema.synthesized_profile(target, state, [0, 10.0])
+  with pytest.raises(ValueError, match='ridge'):
+    optax_bema.synthesized_profile(target, state, [0, 10], ridge=-1.0)

@@ -20,6 +20,7 @@ sys.path[:0] = [str(BENCHMARKS / 'lm'), str(BENCHMARKS)]
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import _lm
 import _posthoc_report
+import _runs
 import posthoc
 
 BASE = dict(ema_power=0.5, bias_power=0.2, lag=10.0, multiplier=1.0,
@@ -98,11 +99,11 @@ def test_profile_sums_are_the_online_models(results):
 
 def test_validation_windows_are_never_trained_on():
   train = np.arange(1000) % 256
-  rest, validation = posthoc.validation_split(train, 4, 8)
+  rest, validation = _runs.validation_split(train, 4, 8)
   assert len(rest) == 1000 - 4 * 9
   np.testing.assert_array_equal(validation.ravel(), train[-36:])
   with pytest.raises(ValueError, match='quarter'):
-    posthoc.validation_split(train, 40, 8)
+    _runs.validation_split(train, 40, 8)
 
 
 @pytest.mark.parametrize('steps', [4, 7, 8])  # blocks of 4: full, partial

@@ -41,7 +41,7 @@ import optax
 
 import optax_bema
 
-# The helpers every group shares (_common, _transforms) are one folder up.
+# The helpers every group shares (_common) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 

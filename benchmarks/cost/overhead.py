@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import json
 import math
 import os
@@ -48,9 +49,8 @@ import jax.numpy as jnp
 import optax
 
 import optax_bema
-from optax_bema import _posthoc
 
-# The helpers every group shares (_common, _transforms) are one folder up.
+# The helpers every group shares (_common) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _timing
@@ -58,8 +58,9 @@ from optax_bema import catalog
 
 LEARNING_RATE = 1e-3
 # How many averages posthoc_ema() tracks by default (theta_0 aside).
-_POSTHOC_TRACKED = len(_posthoc.DEFAULT_POSTHOC_POWERS
-                       + _posthoc.DEFAULT_POSTHOC_STDS)
+_POSTHOC_DEFAULTS = inspect.signature(optax_bema.posthoc_ema).parameters
+_POSTHOC_TRACKED = len(tuple(_POSTHOC_DEFAULTS['ema_powers'].default)
+                       + tuple(_POSTHOC_DEFAULTS['stds'].default))
 IDLE_FREQ = 400  # a stabilizer's default: most steps do not update it
 
 # name: (width, layers, vocabulary, context); about 12 w^2 per layer.
@@ -144,20 +145,25 @@ def _stabilized(name, update_freq, extra=Transfers()) -> Contender:
                    extra, update_freq)
 
 
+# What each stabilizer moves on a step that updates it: the iterate read
+# once, and each average read and written (OUEMA also reads theta_0; DEMA
+# has two averages).
+_EVERY_STEP = {'ema': Transfers(iterate=1, averages=2),
+               'bema': Transfers(iterate=1, averages=2),
+               'dema': Transfers(iterate=1, averages=4),
+               'ouema': Transfers(iterate=1, averages=3),
+               'power_ema': Transfers(iterate=1, averages=2)}
+
+
 def contenders(names=()) -> list[Contender]:
   """Every contender, or those named by name or label (``ema``, ``bema1``)."""
   out = [
       # AdamW against itself: the ratio a shared, noisy machine reports for
       # zero overhead, the floor against which to read the others.
       Contender('adamw', optax.adamw(LEARNING_RATE), Transfers()),
-      _stabilized('ema', 1, Transfers(iterate=1, averages=2)),
-      _stabilized('ema', IDLE_FREQ),
-      _stabilized('bema', 1, Transfers(iterate=1, averages=2)),
-      _stabilized('bema', IDLE_FREQ),
-      _stabilized('dema', 1, Transfers(iterate=1, averages=4)),
-      _stabilized('dema', IDLE_FREQ),
-      _stabilized('ouema', 1, Transfers(iterate=1, averages=3)),
-      _stabilized('ouema', IDLE_FREQ),
+      *(contender for name in catalog.STABILIZERS for contender in (
+          _stabilized(name, 1, _EVERY_STEP[name]),
+          _stabilized(name, IDLE_FREQ))),
       # Its own moments and EMA, each read and written once.
       Contender('pace', catalog.training('pace', LEARNING_RATE),
                 Transfers(state=2)),
@@ -195,6 +201,7 @@ TARGETS = {
     'adamw1': None,
     # fixed budgets, updated every step
     'ema1': Target(1.5), 'bema1': Target(1.8), 'pace1': Target(1.35),
+    'power_ema1': Target(1.5),
     'dema1': NEAR_FLOOR, 'ouema1': NEAR_FLOOR,
     **{f'{name}{IDLE_FREQ}': IDLE_STEP for name in catalog.STABILIZERS},
 }

@@ -35,8 +35,8 @@ chain; their models are the defaults reported, and their distance to the
 profile sums checks that identity.
 
 The setup (the pretrained model, the corpus, the AdamW run at the base rate)
-is the comparison's, so ``finetune.py`` builds it and runs this study with
-``--posthoc``; run directly, this script does the same, with all of
+is the comparison's (``_runs.py``); ``finetune.py --posthoc`` runs this
+study, and run directly, this script does the same, with all of
 ``finetune.py``'s options:
 
   python benchmarks/lm/posthoc.py --quick --out DIR
@@ -58,11 +58,13 @@ import tqdm
 
 import optax_bema
 
-# The helpers every group shares (_common, _transforms) are one folder up.
+# The helpers every group shares (_common) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
 import _lm
 import _posthoc_report
+import _runs
+import _schedules
 from optax_bema import catalog
 
 # Per mode: the grid; the snapshot count the choice is made from
@@ -106,18 +108,6 @@ def grid(ema_powers, bias_powers, update_freqs, *, base: Mapping,
 def stabilizer(settings: Mapping) -> optax.GradientTransformation:
   settings = dict(settings)
   return catalog.stabilizer(settings.pop('kind'), **settings)
-
-
-def validation_split(train_bytes, count: int, context: int):
-  """``(train, validation)``: the last ``count`` windows of the training text
-  become the validation set, and training batches sample only the rest."""
-  size = count * (context + 1)
-  if size > len(train_bytes) // 4:
-    raise ValueError(f'{count} validation windows of {context + 1} bytes would '
-                     f'take over a quarter of {len(train_bytes)} training '
-                     'bytes.')
-  return (train_bytes[:-size], train_bytes[-size:].reshape(
-      count, context + 1).astype(np.int32))
 
 
 class ProfileSums:
@@ -365,7 +355,7 @@ def _rank_correlation(a, b) -> float:
 
 def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
           held_out, *, base: Mapping, update_freq: int, desc: str) -> dict:
-  """Every seed of ``config`` (``finetune.CONFIGS[mode]``), the grid of
+  """Every seed of ``config`` (``_runs.CONFIGS[mode]``), the grid of
   ``GRIDS[mode]``; the defaults are ``base`` at ``update_freq``."""
   plan = GRIDS[mode]
   settings = grid(**plan, base=base)
@@ -382,8 +372,8 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
         k for k, only in zip(settings, read_only_saved(profiles, steps))
         if only]))
   context = config['model'].context
-  train, validation = validation_split(train_bytes, config['eval_windows'],
-                                       context)
+  train, validation = _runs.validation_split(
+      train_bytes, config['eval_windows'], context)
   held = _lm.eval_windows(held_out, config['eval_windows'], context)
   per_seed = []
   with tqdm.tqdm(total=config['seeds'] * config['steps'], desc=desc) as bar:
@@ -436,7 +426,23 @@ def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
   return path
 
 
+def run(out_dir: str, setup: _runs.Setup) -> str:
+  """:func:`main` on the comparison's AdamW run at its base rate, trained
+  once per seed (what ``finetune.py --posthoc`` runs)."""
+  config = setup.config
+  adamw = next(r.tx for r in _runs.runs(config, config['base_lr'], base=False)
+               if r.name == 'adamw')
+  return main(
+      out_dir, setup.mode, config, setup.model, setup.params, adamw,
+      setup.corpus, setup.corpus_name, base=_runs.STABILIZER,
+      update_freq=_runs.UPDATE_FREQ, training=dict(
+          learning_rate=config['base_lr'], schedule='constant',
+          warmup_steps=_schedules.warmup_steps(config['steps']),
+          weight_decay=_runs.WEIGHT_DECAY, clip_norm=_runs.CLIP_NORM))
+
+
 if __name__ == '__main__':
-  import finetune  # pylint: disable=g-import-not-at-top  (it imports this)
-  finetune.main(['--posthoc', '--out', 'benchmarks/results/lm/posthoc',
-                 *sys.argv[1:]])
+  arguments, prepared = _runs.setup(
+      ['--posthoc', '--out', 'benchmarks/results/lm/posthoc', *sys.argv[1:]],
+      __doc__.splitlines()[0])
+  run(arguments.out, prepared)
