@@ -35,8 +35,9 @@ def snapshot_options(num_steps: int, num_snapshots: int, *,
 
   Saves at each step ``optax_bema.snapshot_steps(num_steps, num_snapshots)``
   names, and also every ``save_interval_steps`` steps (the checkpoints a run
-  resumes from); of those, the last ``max_to_keep`` are kept, and a
-  snapshot step is kept whatever ``max_to_keep`` says. Orbax's usual
+  resumes from); the latest ``max_to_keep`` checkpoints are kept, as Orbax
+  keeps them, and every snapshot step besides, whatever ``max_to_keep``
+  says. Orbax's usual
   ``max_to_keep=3`` alone would delete all but the last three snapshots,
   from which only the averages tracked and the last iterate are exact.
 
