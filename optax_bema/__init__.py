@@ -17,6 +17,7 @@ from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
 from optax_bema._choose import Choice
 from optax_bema._choose import choose
+from optax_bema._choose import default_candidates
 from optax_bema._fit import SynthesizedProfile
 from optax_bema._fit import synthesized_profile
 from optax_bema._kinds import BemaState
@@ -64,6 +65,7 @@ __all__ = [
     'averages',
     'bema',
     'choose',
+    'default_candidates',
     'dema',
     'ema',
     'orbax_snapshots',

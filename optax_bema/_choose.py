@@ -457,17 +457,18 @@ def _refine(run: _Run, grid: Mapping):
     return
   t = run.prepared.num_steps
   for _ in range(2):
-    settled = {r.setting: r for r in run.rows if r.family == winner.family
-               and r.setting is not None}
+    settled: dict[float, Row] = {
+        r.setting: r for r in run.rows
+        if r.family == winner.family and r.setting is not None}
     ranked = sorted(settled)
     best = min((r for r in settled.values()
                 if not set(r.flags) & set(REFUSED)),
                key=lambda r: run.scorer.key(r.score))
-    i = ranked.index(best.setting)
+    a = next(k for k, r in settled.items() if r is best)
+    i = ranked.index(a)
     low, high = family.limits(t)
     points = []
     for j, k in ((i - 1, i + 1), (i + 1, i - 1)):
-      a = best.setting
       if 0 <= j < len(ranked):  # between the best and a neighbour
         b = ranked[j]
         mid = math.sqrt(a * b) if family.geometric else (a + b) / 2

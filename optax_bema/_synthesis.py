@@ -192,10 +192,11 @@ def model_errors(prepared: Prepared, solution: _fit.Solution,
 
 class _Snapshot(NamedTuple):
   step: int
-  members: dict        # name: (rule, schedule, state)
+  members: dict        # name: (rule, schedule, state: the last one's only)
   layout: Any          # tree structure and leaf shapes of the params
   checksum: np.ndarray
   params_like: Any     # the params; kept for the last snapshot only
+  initial: dict        # name: checksum of the theta_0 it holds
   # ||theta_step - theta at the snapshot before||^2; for the first
   # snapshot, from theta_0 where an average holds it (0 otherwise).
   moved: float = 0.0
@@ -213,7 +214,10 @@ def _read(snapshots) -> list[_Snapshot]:
     snap = _snapshot(opt_state, params, layout, last)
     if out:
       _same_run(out, snap)
-      out[-1] = out[-1]._replace(params_like=None)  # never all at once
+      # Never every snapshot's arrays at once: only the last one's stay.
+      out[-1] = out[-1]._replace(params_like=None, members={
+          k: (rule, schedule, None)
+          for k, (rule, schedule, _) in out[-1].members.items()})
       snap = snap._replace(moved=float(_squared_distance(
           _tree.as_accumulator(params, None), before)))
     else:
@@ -274,7 +278,11 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
     _snapshots.require_finite(
         model, f'synthesize: the values of the average {k!r} at step {step}')
     _require_reset(k, members[k][1], model, params, step)
-  return _Snapshot(step, members, layout, _checksum(params, members), params)
+  initial = {k: _checksum(s.initial_params, {})
+             for k, (_, _, s) in members.items()
+             if getattr(s, 'initial_params', None) is not None}
+  return _Snapshot(step, members, layout, _checksum(params, members), params,
+                   initial=initial)
 
 
 def _require_reset(name, schedule, model, params, step):
@@ -330,15 +338,12 @@ def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
   if what != now:
     raise ValueError(f'synthesize: the snapshot at step {snap.step} tracks '
                      f'{now}, the first one {what}: snapshots of one run.')
-  for k, (_, schedule, state) in snap.members.items():
-    initial = getattr(state, 'initial_params', None)
+  for k, (_, schedule, _) in snap.members.items():
     after = [e for e in earlier if e.step >= int(schedule.update_after)]
-    if initial is None or not after:
+    if k not in snap.initial or not after:
       continue
     reference = after[0]
-    if not np.array_equal(
-        _checksum(initial, {}),
-        _checksum(reference.members[k][2].initial_params, {})):
+    if not np.array_equal(snap.initial[k], reference.initial[k]):
       raise ValueError(
           f'synthesize: the snapshot at step {snap.step} has another theta_0 '
           f'(in {k!r}) than the one at step {reference.step}: snapshots of '
