@@ -6,9 +6,10 @@ last in a chain; PACE, AdamW pulled toward its own EMA; the adaptive
 AdEMAMix; the model they return through :func:`averaged_params`; and the
 tools to choose the average after training (:func:`averages`,
 :func:`profile`, :func:`replay`, :func:`posthoc_ema`,
-:func:`snapshot_steps`, :func:`synthesize`), and to choose it in one call
+:func:`snapshot_steps`, :func:`synthesize`), to choose it in one call
 (:func:`choose`, with Orbax: :func:`snapshot_options`,
-:func:`orbax_snapshots`).
+:func:`orbax_snapshots`), and the merge of saved checkpoints that acts as
+a learning-rate decay (:func:`decay_profile`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
@@ -33,6 +34,7 @@ from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import snapshot_steps
+from optax_bema._readout import NeverUpdatedWarning
 from optax_bema._readout import averaged_params
 from optax_bema._replay import replay
 from optax_bema._stabilizers import bema
@@ -42,6 +44,7 @@ from optax_bema._stabilizers import ouema
 from optax_bema._stabilizers import power_ema
 from optax_bema._synthesis import Synthesized
 from optax_bema._synthesis import synthesize
+from optax_bema._targets import decay_profile
 from optax_bema._targets import profile
 from optax_bema._targets import uniform_profile
 
@@ -50,6 +53,7 @@ __version__ = '0.1.0'
 __all__ = [
     'AdaptiveAdemamixState',
     'AveragesState',
+    'NeverUpdatedWarning',
     'BemaState',
     'Choice',
     'DemaState',
@@ -65,6 +69,7 @@ __all__ = [
     'averages',
     'bema',
     'choose',
+    'decay_profile',
     'default_candidates',
     'dema',
     'ema',

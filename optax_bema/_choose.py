@@ -48,7 +48,8 @@ class Row(NamedTuple):
   Attributes:
     name: the candidate's name (``'ema 0.5'``, ``'last iterate'``, ...).
     family: ``'ema'``, ``'bema'``, ``'dema'``, ``'ouema'``, ``'power_ema'``,
-      ``'mean'`` (of the last iterates over a window), ``'tracked'``,
+      ``'mean'`` (of the last iterates over a window), ``'cosine'`` and
+      ``'1-sqrt'`` (merges shaped as a decay over a window), ``'tracked'``,
       ``'last iterate'``, or the kind of a candidate passed in.
     setting: the family's knob: ``ema_power``, ``std``, the window in steps
       (None for the rest).
@@ -185,7 +186,18 @@ FAMILIES = {
         range(t - int(w) + 1, t + 1), t),
                     _window((0.01, 0.03, 0.1, 0.3, 1.0)), True,
                     lambda t: (2, t)),
+    # Checkpoint merges shaped as a learning-rate decay over the last W
+    # steps (WSM, arXiv 2507.17634), every iterate of the window weighed.
+    **{shape: _Family(lambda w, t, shape=shape: _targets.decay_profile(
+        range(t - int(w), t + 1), t, shape),
+                      _window((0.03, 0.1, 0.3, 1.0)), True,
+                      lambda t: (2, t))
+       for shape in ('cosine', '1-sqrt')},
 }
+
+
+# The families whose setting is a window in steps.
+_WINDOWS = ('mean', 'cosine', '1-sqrt')
 
 
 def _name(family, setting) -> str:
@@ -207,10 +219,12 @@ def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
   """The best average the snapshots support, by ``score``, in one call.
 
   Synthesizes every candidate (by default EMA, BEMA, DEMA and OUEMA at
-  seven ``ema_power`` each, EDM2 power EMAs of std 0.01 to 0.25 and means
-  of the last 1% to 100% of the steps), scores each with ``score`` beside
-  the rows that need no synthesis (the last iterate, each tracked average),
-  then refines the winning family's setting between its grid neighbours.
+  seven ``ema_power`` each, EDM2 power EMAs of std 0.01 to 0.25, means of
+  the last 1% to 100% of the steps and merges of the last 3% to 100%
+  shaped as a cosine or 1 - sqrt decay, :func:`decay_profile`), scores
+  each with ``score`` beside the rows that need no synthesis (the last
+  iterate, each tracked average), then refines the winning family's
+  setting between its grid neighbours.
   A candidate whose estimated model error (:class:`~optax_bema.Synthesized`'s
   ``error``) exceeds ``max_error``, or a stabilizer that never updated by
   the last snapshot (its model would be theta_0), is flagged and never
@@ -478,7 +492,7 @@ def _refine(run: _Run, grid: Mapping):
         mid = min(max(mid, low), high)
       else:
         continue
-      mid = round(mid) if winner.family == 'mean' else round(mid, 4)
+      mid = round(mid) if winner.family in _WINDOWS else round(mid, 4)
       if mid not in settled:
         points.append(mid)
     if not points:

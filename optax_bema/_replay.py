@@ -16,6 +16,19 @@ from optax_bema import _targets
 from optax_bema import _tree
 
 
+def _weighted(params, weight):
+  return jax.tree.map(lambda x: (x * weight).astype(x.dtype),
+                      _tree.as_accumulator(params, None))
+
+
+# Fused and compiled once per layout, the running sum donated: a profile's
+# sum holds one buffer per leaf, with no weighted copy of a snapshot beside it.
+_first_term = jax.jit(_weighted)
+_add_term = jax.jit(
+    lambda total, params, weight: jax.tree.map(
+        jnp.add, total, _weighted(params, weight)), donate_argnums=0)
+
+
 def replay(stabilizers, snapshots: Iterable[tuple[int, Any]]):
   """The model a stabilizer returns, recomputed from saved iterates.
 
@@ -79,9 +92,9 @@ def replay(stabilizers, snapshots: Iterable[tuple[int, Any]]):
     for k, w in profiles.items():
       weight = float(np.asarray(w)[step]) if step < len(w) else 0.0
       if weight:
-        term = jax.tree.map(lambda x, weight=weight: x * weight,
-                            _tree.as_accumulator(params, None))
-        sums[k] = jax.tree.map(jnp.add, sums[k], term) if k in sums else term
+        weight = jnp.float32(weight)
+        sums[k] = (_add_term(sums[k], params, weight) if k in sums
+                   else _first_term(params, weight))
     last = step
   if states is None:
     raise ValueError('replay: no snapshots.')

@@ -216,3 +216,14 @@ def model_tree(kind: str, theta0, iterates: Sequence,
   return jax.tree.map(
       lambda x0, *xs: models(kind, x0, xs, steps, **settings)[-1],
       theta0, *iterates)
+
+
+def constrained_lstsq(matrix, rhs, sums, total):
+  """argmin ||matrix @ x - rhs|| subject to sums @ x = total, from the
+  Lagrange (KKT) system solved by NumPy, independently of the library."""
+  n = matrix.shape[1]
+  kkt = np.block([[2 * matrix.T @ matrix, sums[:, None]],
+                  [sums[None, :], np.zeros((1, 1))]])
+  solution = np.linalg.lstsq(
+      kkt, np.concatenate([2 * matrix.T @ rhs, [total]]), rcond=None)[0]
+  return solution[:n]

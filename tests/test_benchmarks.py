@@ -60,7 +60,8 @@ def test_quadratic_has_every_curve(quadratic_results):
 def test_quadratic_oracles_match_closed_forms(quadratic_results):
   oracles = quadratic_results['oracles']
   names = {o['name'].split('/')[0] for o in oracles}
-  assert names == {'last_iterate', 'mle', 'stylised_pace_ema'}
+  assert names == {'last_iterate', 'mle', 'stylised_pace_ema', 'merge',
+                   'decayed'}
   for o in oracles:
     z = (o['measured'] - o['theory']) / o['stderr']
     assert abs(z) < Z_TOLERANCE, o
@@ -154,8 +155,12 @@ def test_finetune_smoke(tmp_path):
           'adaptive_ademamix', 'ademamix', 'adamw/cosine', 'adamw/wsd',
           'ema/cosine', 'ema/wsd', 'pace/wsd', 'schedule_free'} <= set(methods)
   assert 'bema/f=1' in methods  # the update_freq sweep
-  start = {m['curve'][0][1] for m in methods.values()}
-  # Step 0 is the pretrained model for every method.
+  start = {m['curve'][0][1] for k, m in methods.items()
+           if not k.startswith('merge/')}
+  # Step 0 is the pretrained model for every method; a merge of checkpoints
+  # exists at the last step only.
+  assert all(m['curve'][0][0] == results['config']['steps']
+             for k, m in methods.items() if k.startswith('merge/'))
   assert max(start) - min(start) < 1e-5
   seeds, steps = results['config']['seeds'], results['config']['steps']
   for m in methods.values():
@@ -182,7 +187,10 @@ def test_finetune_smoke(tmp_path):
             entry['chosen_pullback'])]['final_eval_loss_per_seed'])
     assert np.abs(entry['pullback_0_minus_ema/lag=1_per_seed']).max() < 1e-6
   claims = results['claims']
-  assert len(claims) == 10  # PACE's three twice: pace/matched, then pace
+  # PACE's three twice (pace/matched, then pace), WSM's and PMA's merges.
+  assert len(claims) == 12
+  assert {'merge/linear', 'merge/cosine', 'merge/1-sqrt',
+          'merge/mean'} <= set(methods)
   for c in claims:
     assert set(c) == {'claim', 'source', 'measured', 'verdict'}
     assert c['verdict'] in _claims.VERDICTS and c['measured']
@@ -261,7 +269,8 @@ def test_pace_claims_judge_the_strongest_baseline_and_the_trend():
   # Ahead of AdamW at its constant rate but behind its wsd schedule.
   behind = _evidence({1e-3: [0.995, 1.005, 1.015]})
   assert _claim(behind, 'PACE at a constant')['verdict'] == 'partly'
-  assert _claim(behind, "PACE's margin")['verdict'] == 'not reproduced'
+  # One rate cannot say how the margin moves with the rate.
+  assert _claim(behind, "PACE's margin")['verdict'] == 'untested'
   dipping = _evidence({3e-4: [0.985, 0.995, 1.005],
                        1e-3: [0.98, 0.99, 1.0],       # margin 0.01
                        2e-3: [0.985, 0.995, 1.005],   # falls back to 0.005

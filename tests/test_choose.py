@@ -18,8 +18,8 @@ import pytest
 import optax_bema
 
 T = 300
-FAMILIES = {'ema', 'bema', 'dema', 'ouema', 'power_ema', 'mean', 'tracked',
-            'last iterate'}
+FAMILIES = {'ema', 'bema', 'dema', 'ouema', 'power_ema', 'mean', 'cosine',
+            '1-sqrt', 'tracked', 'last iterate'}
 
 
 def _data(seed):

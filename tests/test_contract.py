@@ -73,7 +73,8 @@ def test_the_battery_covers_every_exported_transform():
   a new export cannot be left out by forgetting it here)."""
   factories = {
       name for name in optax_bema.__all__
-      if callable(getattr(optax_bema, name)) and 'GradientTransformation' in
+      if inspect.isfunction(getattr(optax_bema, name))
+      and 'GradientTransformation' in
       str(inspect.signature(getattr(optax_bema, name)).return_annotation)}
   assert factories == set(catalog.NAMES)
 

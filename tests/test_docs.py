@@ -27,8 +27,8 @@ DOCS = ROOT / 'docs'
 README = ROOT / 'README.md'
 # Pages that must hold at least one runnable example.
 PAGES_WITH_EXAMPLES = ('getting_started.md', 'which_average.md', 'choose.md',
-                       'pace.md',
-                       'adaptive_ademamix.md', 'scaling_out.md')
+                       'pace.md', 'adaptive_ademamix.md', 'scaling_out.md',
+                       'merging.md')
 RUNNABLE = re.compile(r'^```python\n(.*?)^```', re.S | re.M)
 
 

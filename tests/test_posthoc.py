@@ -13,6 +13,8 @@ import pytest
 
 import optax_bema
 
+import _oracle
+
 # Each kind with a burn-in and an update every few steps, as the issue asks.
 ONLINE = {
     'ema': optax_bema.ema(update_after=7, update_freq=3),
@@ -234,9 +236,10 @@ def test_synthesize_reads_snapshots_saved_to_host_memory(posthoc_run):
 # --- synthesized_profile: what a synthesis weighs, before training ---------
 
 def test_synthesized_profile_is_the_least_squares_fit():
-  """Against NumPy's lstsq on the dense profiles (the tracked averages at
-  every saved step and the saved params): the fitted weights, the residual,
-  and the coefficients, which rebuild those weights."""
+  """Against NumPy's least squares on the dense profiles (the tracked
+  averages at every saved step and the saved params), kept to the target's
+  total weight: the fitted weights, the residual, and the coefficients,
+  which rebuild those weights."""
   steps = optax_bema.snapshot_steps(300, 8)
   last = steps[-1]
   members = {'ema_power=0.5': optax_bema.ema(ema_power=0.5, update_freq=1),
@@ -258,7 +261,8 @@ def test_synthesized_profile_is_the_least_squares_fit():
   for k, target in targets.items():
     w = (target if isinstance(target, np.ndarray)
          else optax_bema.profile(target, last))
-    fitted = basis.T @ np.linalg.lstsq(basis.T, w, rcond=None)[0]
+    fitted = basis.T @ _oracle.constrained_lstsq(basis.T, w,
+                                                 basis.sum(axis=1), w.sum())
     np.testing.assert_allclose(out.profile[k], fitted, atol=1e-8)
     assert out.residual[k] == pytest.approx(
         np.linalg.norm(fitted - w) / np.linalg.norm(w), rel=1e-5, abs=1e-9)

@@ -155,17 +155,6 @@ def test_fit_recovers_a_target_in_the_span():
   assert residual < 1e-10
 
 
-def constrained_lstsq(matrix, rhs, sums, total):
-  """argmin ||matrix @ x - rhs|| subject to sums @ x = total, from the
-  Lagrange (KKT) system solved by NumPy, independently of the library."""
-  n = matrix.shape[1]
-  kkt = np.block([[2 * matrix.T @ matrix, sums[:, None]],
-                  [sums[None, :], np.zeros((1, 1))]])
-  solution = np.linalg.lstsq(
-      kkt, np.concatenate([2 * matrix.T @ rhs, [total]]), rcond=None)[0]
-  return solution[:n]
-
-
 @pytest.mark.parametrize('ridge', [0.0, 1e-6])
 def test_fit_matches_lstsq_and_reports_its_residual(ridge):
   """The fit is least squares kept to the target's total weight."""
@@ -175,8 +164,9 @@ def test_fit_matches_lstsq_and_reports_its_residual(ridge):
   outside = rng.normal(size=40)
   targets = np.stack([in_span, outside])
   coefficients, residual = _fit.fit(targets, basis, ridge=ridge)
-  want = np.stack([constrained_lstsq(basis.T, w, basis.sum(axis=1), w.sum())
-                   for w in targets])
+  want = np.stack([
+      _oracle.constrained_lstsq(basis.T, w, basis.sum(axis=1), w.sum())
+      for w in targets])
   np.testing.assert_allclose(coefficients @ basis, want @ basis, atol=1e-8)
   np.testing.assert_allclose((coefficients @ basis).sum(axis=1),
                              targets.sum(axis=1), rtol=1e-12)
@@ -204,7 +194,7 @@ def test_ridge_is_tikhonov_on_unit_rows(ridge):
   unit = basis / norms[:, None]
   lam = ridge * np.linalg.svd(unit, compute_uv=False)[0]
   augmented = np.concatenate([unit.T, lam * np.eye(len(basis))])
-  want = constrained_lstsq(augmented, np.pad(target, (0, len(basis))),
+  want = _oracle.constrained_lstsq(augmented, np.pad(target, (0, len(basis))),
                            unit.sum(axis=1), target.sum()) / norms
   got, residual = _fit.fit(target, basis, ridge=ridge)
   np.testing.assert_allclose(got @ basis, want @ basis, atol=1e-9)

@@ -9,7 +9,9 @@ the noise the two losses share. Its mean and sample standard deviation
   deviation of zero, every seed agrees, and there are at least two seeds;
 * ``partly``: the mean has the claimed sign, but not beyond one standard
   deviation, or not on every seed, or with a single seed;
-* ``not reproduced``: the mean has the other sign, or is zero.
+* ``not reproduced``: the mean has the other sign, or is zero;
+* ``untested``: this run cannot test the claim (say, one learning rate for
+  a claim about how a margin moves with the rate); never "not reproduced".
 
 "Competitive with" is ``reproduced`` when the method is not worse beyond
 one standard deviation (mean <= sd, two seeds or more), ``partly`` when it
@@ -29,13 +31,17 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-VERDICTS = ('reproduced', 'partly', 'not reproduced')
+VERDICTS = ('reproduced', 'partly', 'not reproduced', 'untested')
 # "Competitive": worse than the rival by at most this (nats/byte), beyond
 # the spread, is still ``partly``; fixed before any result was seen.
 COMPETITIVE_TOLERANCE = 0.01
 BEMA_PAPER = 'Block & Zhang 2025, "EMA Without the Lag" (BEMA)'
 PACE_PAPER = 'Au & Block 2026, "Training for the Model You Return" (PACE)'
 ADEMAMIX_REPORT = 'Adaptive AdEMAMix report (26 Oct 2025)'
+WSM_PAPER = ('Tian et al. 2025, "WSM: Decay-Free Learning Rate Schedule via '
+             'Checkpoint Merging for LLM Pre-training" (arXiv 2507.17634)')
+PMA_PAPER = ('Li et al. 2025, "Model Merging in Pre-training of Large '
+             'Language Models" (PMA, arXiv 2505.12082)')
 
 
 def steps_to_target(curve: Sequence, target: float) -> Optional[int]:
@@ -161,12 +167,34 @@ def claims(ev: Evidence, baselines: Sequence[str],
                                    _versus(ev, 'bema', 'ouema', -1)]))
   for pace, label in paces:
     out.extend(_pace_claims(ev, baselines, pace, label))
+  out.extend(_merge_claims(ev, at))
   if ev.has('adaptive_ademamix', 'adamw', 'ademamix'):
     out.append(_claim(
         'Adaptive AdEMAMix lands behind AdamW and ahead of plain AdEMAMix'
         + at, ADEMAMIX_REPORT,
         [_versus(ev, 'adaptive_ademamix', 'adamw', +1),
          _versus(ev, 'adaptive_ademamix', 'ademamix', -1)]))
+  return out
+
+
+def _merge_claims(ev: Evidence, at: str) -> list:
+  """WSM's and PMA's claims on the merges of the constant-rate run's
+  checkpoints over wsd's decay window (``merge/<shape>``, ``merge/mean``)."""
+  out = []
+  if ev.has('merge/linear', 'adamw/wsd'):
+    d = ev.loss_diff('merge/linear', 'adamw/wsd')
+    out.append(_claim(
+        "Merging a constant-rate run's checkpoints over the window wsd "
+        'decays in, with the weights of its linear decay, matches or beats '
+        'decaying the rate (wsd) at the same final step (not worse beyond '
+        f'one sd; within {COMPETITIVE_TOLERANCE} nats/byte: partly)' + at,
+        WSM_PAPER, [(describe('merge/linear - adamw/wsd', d),
+                     competitive_verdict(d))]))
+  if ev.has('merge/mean', 'ema'):
+    out.append(_claim(
+        'The plain mean of the last checkpoints beats the EMA of the same '
+        'constant-rate run' + at, PMA_PAPER,
+        [_versus(ev, 'merge/mean', 'ema', -1)]))
   return out
 
 
@@ -195,7 +223,7 @@ def _pace_claims(ev: Evidence, baselines, pace: str, label: str) -> list:
           claim="PACE's margin over the best-scheduled baselines grows "
                 'with the learning rate', source=PACE_PAPER,
           measured='untested: this run has one learning rate; the full '
-                   'study sweeps three', verdict='not reproduced'))
+                   'study sweeps three', verdict='untested'))
     else:
       growth = margins[ev.lrs[-1]] - margins[ev.lrs[0]]
       means = [margins[lr].mean() for lr in ev.lrs]

@@ -3,9 +3,10 @@
 The figure answers one question per panel: which returned model is best at
 a constant rate; how update_freq and the pullback matter; what the decay
 schedules and Schedule-Free give; how it all moves with the learning rate
-(PACE's margin marked); who reaches AdamW's final loss first; and, with
+(PACE's margin marked); who reaches AdamW's final loss first; with
 PACE's EMA matched to the ema baseline's, what each pullback gives and how
-much it clips.
+much it clips; and what merging the constant-rate run's checkpoints gives
+against decaying its rate, with the decay each merge stands for.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import numpy as np
 
 import _claims
 import _common
+import optax_bema
 
 _YLABEL = 'held-out loss of returned model (nats/byte)'
+_MERGE_RIVALS = ('adamw', 'adamw/wsd', 'adamw/cosine', 'ema', 'bema')
+MERGE_MARGIN = 10   # steps drawn before the merge window, at the full rate
 _ACCELERATION = ('adamw', 'ema', 'bema', 'ouema', 'dema', 'pace/matched',
                  'pace', 'schedule_free')
 
@@ -243,11 +247,52 @@ def _matched_panels(loss_ax, telemetry_ax, summary, methods):
   telemetry_ax.set_ylim(bottom=0)
 
 
+def _merges_panel(ax, methods, title):
+  """Final loss per seed (dots) and mean (bar) of each merge and the runs
+  it stands in for."""
+  names = [k for k in _MERGE_RIVALS if k in methods] + sorted(
+      k for k in methods if k.startswith('merge/'))
+  for i, name in enumerate(names):
+    finals = methods[name]['final_eval_loss_per_seed']
+    color = 'C1' if name.startswith('merge/') else 'C0'
+    ax.bar(i, np.mean(finals), color=color, alpha=0.35)
+    ax.plot([i] * len(finals), finals, 'o', ms=4, color=color)
+  values = [v for k in names for v in methods[k]['final_eval_loss_per_seed']]
+  ax.set_ylim(min(values) - 0.02, max(values) + 0.02)
+  ax.set_xticks(range(len(names)), names, rotation=35, ha='right',
+                fontsize=7)
+  ax.set_ylabel('final ' + _YLABEL)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3, axis='y')
+
+
+def _merge_schedules_panel(ax, merges: Mapping, steps: int):
+  """The rate multiplier m_t = sum_{s > t} c_s each merge applies to the
+  constant-rate run's update t, beside wsd's decay over the same window."""
+  saved = merges['steps']
+  weights = {f'merge/{shape}': optax_bema.decay_profile(saved, steps, shape)
+             for shape in merges['shapes']}
+  weights['merge/mean'] = optax_bema.uniform_profile(saved, steps)
+  t = np.arange(max(0, saved[0] - MERGE_MARGIN), steps)
+  for name, w in weights.items():
+    tail = np.cumsum(w[::-1])[::-1]       # tail[s] = sum of w from s on
+    ax.step(t, tail[t + 1], where='post', label=name, lw=1.2)
+  k = t + 1
+  ax.plot(t, np.clip((steps - k) / (steps - saved[0]), 0, 1), 'k--', lw=0.8,
+          label='wsd (decayed run)')
+  ax.set_xlabel('update step t')
+  ax.set_ylabel('rate multiplier')
+  ax.set_title(f'the decay each merge stands for (checkpoints {saved[0]}..'
+               f'{saved[-1]} every {saved[1] - saved[0]})', fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
 def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
          baselines: Sequence[str]) -> str:
   methods, sweep = results['methods'], results['learning_rate_sweep']
   lr = results['config']['learning_rate']
-  fig, axes = plt.subplots(3, 3, figsize=(17, 14))
+  fig, axes = plt.subplots(4, 3, figsize=(17, 18.5))
   _curves_panel(axes[0, 0], methods, [k for k in methods if '/' not in k
                                       or k == 'pace/matched'],
                 f'{title}: methods, constant lr {lr:g}')
@@ -274,4 +319,9 @@ def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
                     (k for k in methods if k.startswith('pace/matched/')),
                     key=lambda k: float(k.split('=')[1])),
                 f'pace/matched pullback sweep and the ema baseline, lr {lr:g}')
+  _merges_panel(axes[3, 0], methods, 'constant-rate run merged vs decayed '
+                f'vs averaged, lr {lr:g}')
+  _merge_schedules_panel(axes[3, 1], results['config']['merges'],
+                         results['config']['steps'])
+  axes[3, 2].axis('off')
   return _common.save_figure(fig, out_dir, 'finetune.png')

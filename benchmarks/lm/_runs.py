@@ -47,6 +47,8 @@ PACE_MATCHED = dict(ema_power=STABILIZER['ema_power'], delay=0.0,
                     multiplier=STABILIZER['multiplier'],
                     update_freq=UPDATE_FREQ)
 MATCHED = 'pace/matched'
+MERGE_EVERY = 10   # steps between the checkpoints merged: 7 in a quick run
+MERGE_SHAPES = ('linear', 'cosine', '1-sqrt')
 ADEMAMIX_ALPHA = 4.0   # the report's alpha_base, so the baseline differs only
                        # by the adaptivity
 
@@ -98,6 +100,25 @@ class Run:
   readout: Callable[[Any, Any], Any]
   averaged: tuple[str, ...] = ()
   telemetry: Optional[Callable[[Any], dict]] = None
+  merges: dict = dataclasses.field(default_factory=dict)
+
+
+def merge_steps(steps: int) -> list[int]:
+  """The checkpoints merged: every ``MERGE_EVERY`` steps back from the last
+  step over wsd's decay window, its start included (the merge's anchor)."""
+  window = steps - round((1 - _schedules.DECAY_FRACTION) * steps)
+  every = max(1, min(MERGE_EVERY, window))
+  return list(range(steps, steps - window - 1, -every))[::-1]
+
+
+def merge_targets(steps: int) -> dict:
+  """``{name: weights on steps 0..T}``: each decay shape over the window
+  (``decay_profile``) and the plain mean of the same checkpoints."""
+  saved = merge_steps(steps)
+  targets = {f'merge/{shape}': optax_bema.decay_profile(saved, steps, shape)
+             for shape in MERGE_SHAPES}
+  targets['merge/mean'] = optax_bema.uniform_profile(saved, steps)
+  return targets
 
 
 def _live(state, params):
@@ -143,7 +164,9 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
           **STABILIZER)
     out.append(Run('adamw' + suffix(schedule), optax.chain(
         clip, optax.adamw(rate(schedule), weight_decay=WEIGHT_DECAY),
-        optax_bema.averages(**stabilizers)), _live, tuple(stabilizers)))
+        optax_bema.averages(**stabilizers)), _live, tuple(stabilizers),
+                   merges=merge_targets(config['steps'])
+                   if schedule == 'constant' else {}))
   pace_runs = [('pace' + suffix(schedule), schedule, PACE['pullback'])
                for schedule in config['pace_schedules']]
   pace_runs += [(f'pace/pullback={c}', 'constant', c)

@@ -20,6 +20,13 @@ loss of the model it would RETURN:
   PACE paper's ablation, its Fig. 2: the same EMA power, so the two differ
   only in the pullback), its pullback chosen per rate on a validation split
   from the sweep ``pace/matched/pullback=c`` (c = 0 included).
+* ``merge/linear``, ``merge/cosine``, ``merge/1-sqrt``: checkpoint merging
+  (WSM, arXiv 2507.17634): the constant-rate AdamW run's checkpoints, saved
+  every ``MERGE_EVERY`` steps over the window wsd decays in (the last 20%),
+  merged with ``optax_bema.decay_profile`` weights through
+  ``optax_bema.replay``, so the merge decays the rate with that shape to
+  first order; ``merge/mean``: the plain mean of the same checkpoints
+  (PMA, arXiv 2505.12082). Free on the ``adamw`` trajectory, like ``ema``.
 * ``schedule_free``: ``optax.contrib.schedule_free_adamw`` at the same peak
   rate and warmup, evaluated at ``schedule_free_eval_params``.
 * ``adaptive_ademamix`` against the report's baselines, ``adamw`` and plain
@@ -105,18 +112,36 @@ def trainer(run: _runs.Run, model, eval_set, validation, eval_every):
     losses = jax.lax.map(lambda p: loss(p, windows), stacked)
     return dict(zip(models, losses))
 
+  @jax.jit
+  def evaluate_models(models, windows):
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *models.values())
+    return dict(zip(models, jax.lax.map(lambda p: loss(p, windows), stacked)))
+
+  saves = sorted({int(s) for w in run.merges.values()
+                  for s in np.flatnonzero(w)})
+
   def train(params, batches, bar):
     state = run.tx.init(params)
     curves = {}
+    # The checkpoints a merge reads, kept on the host as a run saves them;
+    # replay needs step 0 first, which no merge weighs.
+    checkpoints = [(0, jax.device_get(params))] if saves else []
     for t in range(len(batches) + 1):
       if t:
         params, state = step(params, state, batches[t - 1])
         bar.update()
+      if t in saves:
+        checkpoints.append((t, jax.device_get(params)))
       if t % eval_every == 0 or t == len(batches):
         for k, v in evaluate(params, state, eval_set).items():
           curves.setdefault(k, []).append([t, float(v)])
     telemetry = run.telemetry(state) if run.telemetry else {}
     validated = evaluate(params, state, validation)
+    if run.merges:   # a merge exists at the last step only: a one-point curve
+      merged = optax_bema.replay(run.merges, checkpoints)
+      for k, v in evaluate_models(merged, eval_set).items():
+        curves[k] = [[len(batches), float(v)]]
+      validated.update(evaluate_models(merged, validation))
     return (curves, {k: float(v) for k, v in telemetry.items()},
             {k: float(v) for k, v in validated.items()})
   return train
@@ -273,6 +298,13 @@ def main(argv=None):
                             pullback_sweep=list(config['matched_pullbacks']),
                             chosen_by='mean final validation loss over seeds, '
                             f'{len(validation)} windows of the training text'),
+          merges=dict(steps=_runs.merge_steps(config['steps']),
+                      shapes=list(_runs.MERGE_SHAPES),
+                      every=_runs.MERGE_EVERY,
+                      how='optax_bema.decay_profile(steps, T, shape) for '
+                          'each shape, uniform_profile(steps, T) for the '
+                          'mean; optax_bema.replay on the adamw run\'s '
+                          'params at those steps'),
           pace_only=args.pace_only,
           ademamix_alpha=_runs.ADEMAMIX_ALPHA, machine=_common.machine_line(),
           wall_seconds=round(wall, 1)))

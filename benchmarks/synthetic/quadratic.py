@@ -42,6 +42,12 @@ with it lengthening as the curvature falls (beta = eta alpha). A diagonal
 instance's error is the sum of its coordinates', so its factor tends to
 that of its coordinate of largest ratio.
 
+And checkpoint merging (``_merging.py``; WSM, arXiv 2507.17634): SGD at
+a constant rate merged over its last 20% with ``optax_bema.decay_profile``
+weights for each decay shape (linear, cosine, 1-sqrt), against SGD whose
+rate decays over the same 20% with that shape, on the same noise, both
+against their exact discrete closed forms, on both problems.
+
 Each oracle carries the standard error of its Monte-Carlo mean over seeds,
 so agreement is judged statistically.
 
@@ -66,6 +72,7 @@ import optax_bema
 # The helpers every group shares (_common) are one folder up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import _common
+import _merging
 from optax_bema import catalog
 
 DIM = 20
@@ -326,7 +333,7 @@ def _family_panel(ax, family):
   ax.legend(fontsize=7)
 
 
-def plot(curves, family, steps, seeds, out_dir):
+def plot(curves, family, merging, steps, seeds, out_dir):
   """The A = I run with the paper's defaults and theory-matched, the
   ill-conditioned run, each against Thm. 2's MLE floor, and the stylised
   PACE family."""
@@ -341,7 +348,7 @@ def plot(curves, family, steps, seeds, out_dir):
        'alpha_t = 1/(eta t)', theory),
       ('ill_conditioned', 'ill-conditioned (kappa 100), defaults',
        curves['ill_conditioned'])]
-  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(22, 4.5))
+  fig, axes = plt.subplots(1, len(panels) + 2, figsize=(27, 4.5))
   for ax, (problem, title, shown) in zip(axes, panels):
     _common.plot_curves(ax, shown, title=f'{title}\nd={DIM}, {seeds} seeds',
                         ylabel='E||estimate - mu||^2', logy=True)
@@ -351,7 +358,8 @@ def plot(curves, family, steps, seeds, out_dir):
             label='MLE (theory)')
     ax.legend(fontsize=7)
     ax.set_xscale('log')
-  _family_panel(axes[-1], family)
+  _family_panel(axes[-2], family)
+  _merging.panel(axes[-1], merging)
   return _common.save_figure(fig, out_dir, 'quadratic.png')
 
 
@@ -384,11 +392,24 @@ def main():
     oracles.append(oracle(f'stylised_pace_ema/c={c}', samples,
                           stylised_pace_theory(c)))
 
+  merging = {}
+  for i, (problem, spec) in enumerate(PROBLEMS.items()):
+    setting = (spec['eigs'], spec['eta'], SIGMA, START_OFFSET, steps)
+    samples = _merging.simulate(*setting, seeds,
+                                np.random.default_rng(300 + i))
+    merging[problem] = dict(last_iterate=float(samples['last_iterate'].mean()))
+    for name, closed in _merging.theory(*setting).items():
+      kind, shape = name.split('/')
+      oracles.append(oracle(f'{kind}/{problem}/{shape}', samples[name],
+                            closed))
+      merging[problem][name] = dict(measured=oracles[-1]['measured'],
+                                    theory=closed)
+
   family = pace_family(10 * steps, seeds, jax.random.fold_in(key, 200))
   fig2 = fig2_ordering(curves['isotropic'])
   results = dict(oracles=oracles, curves=curves['isotropic'],
                  curves_ill_conditioned=curves['ill_conditioned'], fig2=fig2,
-                 pace_family=family,
+                 pace_family=family, merging=merging,
                  config=dict(dim=DIM, sigma=SIGMA, steps=steps, seeds=seeds,
                              start_offset=START_OFFSET,
                              problems={k: dict(eta=v['eta'],
@@ -399,12 +420,14 @@ def main():
                                  PROBLEMS['isotropic']['eta'],
                                  PROBLEMS['isotropic']['curvature']),
                              pace=PACE_HPARAMS, stylised_pace=STYLISED,
+                             merging=dict(window=_merging.window(steps),
+                                          shapes=list(_merging.SHAPES)),
                              pace_family=dict(FAMILY, gains='0 to 1, '
                                               f'{GAIN_GRID.size} points'),
                              machine=_common.machine_line(),
                              wall_seconds=round(time.time() - started, 1)))
   path = _common.write_results(args.out, results)
-  plot(curves, family, steps, seeds, args.out)
+  plot(curves, family, merging, steps, seeds, args.out)
 
   print(f'{"oracle":32s} {"measured":>11s} {"theory":>11s} {"z":>6s}')
   for o in oracles:
@@ -427,6 +450,7 @@ def main():
     print(f'  {r["average"]:11s} beta {r["beta"]:<8.3g} ratio '
           f'{r["noise_to_curvature"]:<8.3g} gain {r["best_gain"]:.4f} '
           f'factor {r["factor"]:.4g}{simulated}')
+  print(_merging.table(merging, steps))
   print(f'wrote {path} in {time.time() - started:.0f}s')
 
 
