@@ -53,7 +53,13 @@ class Choice(NamedTuple):
     target: what reproduces it: a stabilizer or a profile for
       :func:`~optax_bema.replay` and :func:`~optax_bema.synthesize`.
     score: its score.
-    table: one :class:`Row` per candidate, in the order scored.
+    table: one row per candidate, in the order scored, a named tuple of
+      its name, family, setting (``ema_power``, ``std`` or a window in
+      steps), length in steps, score, scores (every metric, for a score
+      returning a dict), the fit's residual, the estimated model error and
+      its flags (``'never updated'``, ``'unsupported'`` and ``'not
+      finite'`` keep it from being chosen; ``'exact'`` marks the rows read
+      off the snapshots without synthesis).
     note: why the choice was restricted, or ``''``.
   """
   model: Any
