@@ -3,10 +3,13 @@
 Each seed fine-tunes ONCE with ``optax_bema.posthoc_ema()`` last in the chain
 and saves ``(its state, params)`` to host memory at the steps
 ``optax_bema.snapshot_steps(steps, 40)`` names, as a user saves checkpoints.
-After training, every setting of a grid (the four stabilizers x
-``ema_power`` x ``bias_power`` x ``update_freq``) is synthesized from those
-snapshots in one ``optax_bema.synthesize`` pass, each synthesized model is
-scored on a VALIDATION split, and the best is kept. The validation windows
+After training, ``optax_bema.choose`` picks the model: its default
+candidates and every setting of a grid (the four stabilizers x
+``ema_power`` x ``bias_power`` x ``update_freq``), synthesized from those
+snapshots, scored on a VALIDATION split, the best kept among those the
+snapshots support; the grid is also synthesized in one
+``optax_bema.synthesize`` pass, to measure the synthesis. The validation
+windows
 are the training text's last bytes, which no training batch samples; the
 held-out windows are the corpus' tail, as in the main comparison, and only
 the report reads them. The same is done again from fewer snapshots
@@ -25,11 +28,12 @@ of the three counts, none is. The results list these settings
 validation-loss gaps) is reported over the other settings only, and the
 choice is made over all of them, as a user's.
 
-The choice is compared with the models the grid's settings really return on
-that trajectory. Tracking 100+ stabilizers online costs minutes of
-compilation and ~20x the step time here, so each is computed exactly instead:
-the model after T steps is ``sum_s w[s] theta_s`` with ``w`` its profile
-(``optax_bema.profile``), applied to every iterate of the run on the host.
+The choice is compared with the models the grid's settings (and choose's
+default targets) really return on that trajectory. Tracking 100+
+stabilizers online costs minutes of compilation and ~20x the step time
+here, so each is computed exactly instead: the model after T steps is
+``sum_s w[s] theta_s`` with ``w`` its profile (``optax_bema.profile``),
+applied to every iterate of the run on the host.
 The four defaults are also run online (``optax_bema.averages``) in the same
 chain; their models are the defaults reported, and their distance to the
 profile sums checks that identity.
