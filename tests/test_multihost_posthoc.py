@@ -3,9 +3,9 @@
 Two processes joined by jax.distributed on loopback (2 CPU devices each)
 train one model whose weights are split over all 4 devices, save snapshots
 with Orbax, restore them (each process its own shards) and run
-``synthesize``, ``replay`` and ``choose``. Nothing is gathered before the models exist;
-they keep the params' shardings (checked in the worker) and equal a
-one-process run's, to float32 rounding.
+``synthesize``, ``replay`` and ``choose``. Nothing is gathered before the
+models exist; they keep the params' shardings (checked in the worker) and
+equal a one-process run's, to float32 rounding.
 """
 
 import pathlib
