@@ -79,10 +79,11 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
 
   ``snapshots`` is read twice (first to fit, then to sum the arrays), one
   snapshot on the device at a time: pass a list, or an object whose
-  ``__iter__`` loads them lazily (from an Orbax ``CheckpointManager``,
-  say). The second read must give the same snapshots as the first (their
-  steps, shapes and a checksum of every array are compared), so a
-  checkpoint written or deleted in between is an error, not a wrong model.
+  ``__iter__`` loads them lazily (:func:`orbax_snapshots` reads an Orbax
+  ``CheckpointManager``). The second read must give the same snapshots as
+  the first (their steps, shapes and a checksum of every array are
+  compared), so a checkpoint written or deleted in between is an error,
+  not a wrong model.
 
   Args:
     target: a stabilizer (``optax_bema.bema(...)``, ...), a profile (a
