@@ -6,27 +6,34 @@ last in a chain; PACE, AdamW pulled toward its own EMA; the adaptive
 AdEMAMix; the model they return through :func:`averaged_params`; and the
 tools to choose the average after training (:func:`averages`,
 :func:`profile`, :func:`replay`, :func:`posthoc_ema`,
-:func:`snapshot_steps`, :func:`synthesize`), and the merge of saved
-checkpoints that acts as a learning-rate decay (:func:`decay_profile`).
+:func:`snapshot_steps`, :func:`synthesize`), to choose it in one call
+(:func:`choose`, with Orbax: :func:`snapshot_options`,
+:func:`orbax_snapshots`), and the merge of saved checkpoints that acts as
+a learning-rate decay (:func:`decay_profile`).
 """
 
 from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
+from optax_bema._choice import Choice
+from optax_bema._choose import choose
+from optax_bema._choose import default_candidates
 from optax_bema._fit import SynthesizedProfile
 from optax_bema._fit import synthesized_profile
 from optax_bema._kinds import BemaState
 from optax_bema._kinds import DemaState
 from optax_bema._kinds import EmaState
 from optax_bema._kinds import OuemaState
+from optax_bema._orbax import OrbaxSnapshots
+from optax_bema._orbax import orbax_snapshots
+from optax_bema._orbax import snapshot_options
 from optax_bema._pace import PaceState
 from optax_bema._pace import PaceTelemetry
 from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import snapshot_steps
-from optax_bema._readout import NeverUpdatedWarning
 from optax_bema._readout import averaged_params
 from optax_bema._replay import replay
 from optax_bema._stabilizers import bema
@@ -45,10 +52,11 @@ __version__ = '0.1.0'
 __all__ = [
     'AdaptiveAdemamixState',
     'AveragesState',
-    'NeverUpdatedWarning',
     'BemaState',
+    'Choice',
     'DemaState',
     'EmaState',
+    'OrbaxSnapshots',
     'OuemaState',
     'PaceState',
     'PaceTelemetry',
@@ -58,9 +66,12 @@ __all__ = [
     'averaged_params',
     'averages',
     'bema',
+    'choose',
     'decay_profile',
+    'default_candidates',
     'dema',
     'ema',
+    'orbax_snapshots',
     'ouema',
     'pace',
     'pace_telemetry',
@@ -68,6 +79,7 @@ __all__ = [
     'power_ema',
     'profile',
     'replay',
+    'snapshot_options',
     'snapshot_steps',
     'synthesize',
     'synthesized_profile',

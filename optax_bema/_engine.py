@@ -134,13 +134,6 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
       Field(n, lambda w, theta, s, v=v:  # type: ignore[misc]
             jnp.asarray(v, SCALAR_DTYPE))
       for n, v in rule.scalars)
-  fields = rule.update
-  # Updated every few steps, an average counts its updates since the
-  # burn-in, so a read can say when it has had none (it returns theta_0).
-  counts = not every_step and 'updates' in rule.state_cls._fields
-  if counts:
-    reset += (Field('updates', lambda w, theta, s: jnp.zeros([], jnp.int32)),)
-    fields += (Field('updates', lambda w, theta, s: s.updates + 1),)
 
   def init_fn(params):
     # Leaf by leaf: offloaded, the device never holds more than one extra.
@@ -153,8 +146,7 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
         nonfinite_count=jnp.zeros([], jnp.int32),
         **{name: jax.tree.map(zero if name in rule.deviations else copy,
                               params) for name in rule.averages},
-        **{n: jnp.asarray(v, SCALAR_DTYPE) for n, v in rule.scalars},
-        **({'updates': jnp.zeros([], jnp.int32)} if counts else {}))
+        **{n: jnp.asarray(v, SCALAR_DTYPE) for n, v in rule.scalars})
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -230,9 +222,9 @@ def stabilizer(rule: Rule, schedule: Schedule, *, accumulator_dtype=None,
     if has_burn_in:
       state = branch(state, reset, in_burn_in)
     if every_step:
-      state = state._replace(**apply(state, fields, due))
+      state = state._replace(**apply(state, rule.update, due))
     else:
-      state = branch(state, fields, due)
+      state = branch(state, rule.update, due)
     return updates, state._replace(count=t)
 
   transform = Stabilizer(init_fn, update_fn)

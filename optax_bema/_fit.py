@@ -107,7 +107,8 @@ def path_error(solution: Solution, ends: np.ndarray,
   -sum_s R_s u_s, u_s the update that reached step s and R_s the residual's
   weight before s (:class:`Solution`). Between two saved steps a < b the
   updates are unknown; their size is read off the saved params: ``moved``,
-  ||theta_b - theta_a||^2 for each snapshot after the first. Each segment
+  ||theta_b - theta_a||^2 for each snapshot after the first, and for the
+  first ||theta_{s_0} - theta_0||^2 (0 where theta_0 is unknown). Each segment
   contributes the larger of its two extremes, updates all alike (a drift:
   (sum R_s)^2 moved / (b - a)^2) and independent (noise: sum R_s^2 times a
   per-step energy), the per-step energy being moved / (b - a) or, where
@@ -120,8 +121,13 @@ def path_error(solution: Solution, ends: np.ndarray,
     return np.zeros(solution.lag_sum.shape[0])
   per_step = moved[1:] / gaps
   closest = per_step[gaps == gaps.min()].max()
-  energy = np.concatenate([[closest], np.maximum(per_step, closest)])
-  drift = np.concatenate([[0.0], moved[1:] / gaps ** 2])
+  # The steps up to the first snapshot: their movement is known where
+  # ``moved[0]`` holds the distance from theta_0 (else only the closest
+  # pair's per-step energy, the sole bound left).
+  start = float(max(ends[0], 1))
+  energy = np.maximum(np.concatenate([[moved[0] / start], per_step]),
+                      closest)
+  drift = np.concatenate([[moved[0] / start ** 2], moved[1:] / gaps ** 2])
   squared = np.maximum(solution.lag_square * energy,
                        solution.lag_sum ** 2 * drift)
   return np.sqrt(squared.sum(axis=1))

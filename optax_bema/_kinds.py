@@ -40,7 +40,6 @@ class EmaState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # steps seen, int32, saturating
   nonfinite_count: jax.Array  # update steps skipped for a non-finite iterate
   ema: optax.Params
-  updates: Optional[jax.Array] = None  # updates since the burn-in
 
 
 class BemaState(NamedTuple):
@@ -48,9 +47,6 @@ class BemaState(NamedTuple):
 
   ``last_iterate`` is theta at the last update step; it is ``None`` when
   ``update_freq=1``, where the current params are that iterate.
-  ``updates`` (in every state of an average updated every few steps, None
-  otherwise) counts the updates since init or the burn-in, so that a read
-  can tell an average that never updated.
   """
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   nonfinite_count: jax.Array
@@ -58,7 +54,6 @@ class BemaState(NamedTuple):
   ema: optax.Params
   bias_weight: jax.Array             # alpha at the last update step
   last_iterate: Optional[optax.Params] = None
-  updates: Optional[jax.Array] = None  # updates since the burn-in
 
 
 class DemaState(NamedTuple):
@@ -67,7 +62,6 @@ class DemaState(NamedTuple):
   nonfinite_count: jax.Array
   ema: optax.Params
   ema_of_ema: optax.Params
-  updates: Optional[jax.Array] = None  # updates since the burn-in
 
 
 class OuemaState(NamedTuple):
@@ -76,7 +70,6 @@ class OuemaState(NamedTuple):
   nonfinite_count: jax.Array
   initial_params: optax.Params  # theta_0
   ema: optax.Params
-  updates: Optional[jax.Array] = None  # updates since the burn-in
 
 
 class InitialState(NamedTuple):

@@ -3,8 +3,6 @@ to readout (each kind's own, and PACE's)."""
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 
@@ -42,12 +40,6 @@ def averaged_params(opt_state, params, name=None):
   Returns:
     A pytree with the structure, dtypes and shardings of ``params``.
 
-  An average updated every few steps that has not updated once since init
-  or its burn-in (``bema()``, updated every 400 steps, read after 300)
-  still returns the weights it started from: read outside ``jit``, this
-  warns (``NeverUpdatedWarning``), naming ``update_freq``; under ``jit``
-  the values are unknown and it returns those weights without a word.
-
   Raises:
     ValueError: when ``opt_state`` holds no averaging state (named
       ``name``), or several and no ``name`` picks one, or when ``params``
@@ -68,35 +60,8 @@ def averaged_params(opt_state, params, name=None):
       missing='Put a stabilizer last in the chain, e.g. optax.chain('
       'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).',
       name=name)
-  out = _tree.cast_like_params(model(state, params), params,
-                               'averaged_params: the average')
-  _warn_if_never_updated(state, out, params)
-  return out
-
-
-class NeverUpdatedWarning(UserWarning):
-  """An average read before its first update: it is not an average yet."""
-
-
-def _warn_if_never_updated(state, out, params):
-  """Warns when an average updated every few steps has had no update since
-  init or its burn-in, and is not the current weights (those it is during
-  the burn-in): it returns stale weights, theta_0 at worst. Only where the
-  state's values are known, outside ``jit``."""
-  updates = getattr(state, 'updates', None)
-  if updates is None or any(isinstance(x, jax.core.Tracer) for x in (
-      updates, state.count)) or int(updates) or not int(state.count):
-    return
-  same = all(bool(jnp.array_equal(a, b)) for a, b in zip(
-      jax.tree.leaves(out), jax.tree.leaves(params)))
-  if not same:
-    warnings.warn(
-        f'averaged_params: this average has not updated once in the '
-        f'{int(state.count)} steps since init or its burn-in, so it returns '
-        'the weights it started from (theta_0), not an average. Its '
-        'update_freq is larger than the steps run: lower update_freq '
-        '(e.g. update_freq=1) or update_after, or read it later.',
-        NeverUpdatedWarning, stacklevel=3)
+  return _tree.cast_like_params(model(state, params), params,
+                                'averaged_params: the average')
 
 
 def model(state, params):

@@ -46,7 +46,11 @@ def replay(stabilizers, snapshots: Iterable[tuple[int, Any]]):
       0 (the weights at init); e.g. read lazily from an Orbax
       ``CheckpointManager``: ``((s, manager.restore(s)) for s in
       manager.all_steps())``. They must include every step a target reads:
-      for a stabilizer the last burn-in step and every update step.
+      for a stabilizer the last burn-in step and every update step. A
+      step is an optimizer update, the count a stabilizer keeps: under
+      ``optax.MultiSteps`` or ``apply_if_finite`` label params with the
+      updates so far, not the loop's step (replay cannot check the label;
+      a micro-step gives a wrong model without an error).
 
   Returns:
     The model at the last snapshot (a dict of models for a dict).

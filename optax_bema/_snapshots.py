@@ -26,8 +26,14 @@ def check_next(layout, params, last: int, step: int, caller: str):
         f'{dtype}, the earlier ones {was} and {was_dtype}: every snapshot '
         'must come from the same model.')
   if step <= last:
+    # Two snapshots with one count: saved at loop steps that were not
+    # optimizer updates.
+    cause = (' Two snapshots carry the same count: under optax.MultiSteps '
+             '(gradient accumulation) or apply_if_finite a loop step is not '
+             'an optimizer update; save once per update, labelled with the '
+             "stabilizer's count." if step == last else '')
     raise ValueError(f'{caller}: snapshots must be in increasing step order; '
-                     f'step {step} came after step {last}.')
+                     f'step {step} came after step {last}.{cause}')
   return now
 
 

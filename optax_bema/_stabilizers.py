@@ -48,14 +48,12 @@ def ema(*, ema_power: float = 0.5, lag: float = 10.0,
 
   and the returned model is :math:`\bar\theta`. This is :func:`bema` with
   ``bias_power = inf``. State: one parameter-sized copy (an
-  :class:`EmaState`).
+  :class:`EmaState`). An update step with a non-finite iterate is skipped
+  (the average keeps its last finite value) and counted in
+  ``nonfinite_count``.
 
   Not ``optax.ema``, which averages the *updates* (a momentum inside an
   optimizer): this averages the *weights*, and goes last in the chain.
-
-  An update step whose iterate has a non-finite element is skipped (the
-  average keeps its last finite value) and counted in the state's
-  ``nonfinite_count``, so the returned model is always finite.
 
   Args:
     ema_power: kappa, the power of the EMA weight beta_t.
@@ -67,12 +65,11 @@ def ema(*, ema_power: float = 0.5, lag: float = 10.0,
       after the burn-in; in between the returned model is the one from the
       last update step. 1 updates every step.
     min_ema_multiplier: a floor on the EMA weight beta_t.
-    accumulator_dtype: dtype of the average; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
-    offload_to_host: keep the average in host memory
-      (``memory_kind="pinned_host"``, shardings kept) and move it to the
-      accelerator only on update steps, as the BEMA paper does to save
-      accelerator memory.
+    accumulator_dtype: dtype of the state's copies, float32 for 16-bit
+      weights by default. 16-bit copies round stochastically; updated every
+      step, they hold deviations from the params, lost if those go non-finite.
+    offload_to_host: keep the average in host memory (``pinned_host``)
+      between update steps, as the BEMA paper does.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -150,11 +147,10 @@ def bema(*, ema_power: float = 0.5, bias_power: float = 0.2,
       after the burn-in; in between the returned model is the one from the
       last update step. 1 updates every step.
     min_ema_multiplier: a floor on the EMA weight beta_t.
-    accumulator_dtype: dtype of the state's copies; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
-    offload_to_host: keep the parameter-sized state in host memory
-      (``memory_kind="pinned_host"``, shardings kept) and move it to the
-      accelerator only on update steps, as the BEMA paper does.
+    accumulator_dtype: dtype of the state's copies, float32 for 16-bit
+      weights by default. 16-bit copies round stochastically; updated every
+      step, they hold deviations from the params, lost if those go non-finite.
+    offload_to_host: keep the state in host memory between update steps.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -222,8 +218,9 @@ def dema(*, ema_power: float = 0.5, lag: float = 10.0,
     update_freq: phi, the averages are updated every ``update_freq`` steps
       after the burn-in. 1 updates every step.
     min_ema_multiplier: a floor on the EMA weight beta_t.
-    accumulator_dtype: dtype of the averages; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
+    accumulator_dtype: dtype of the state's copies, float32 for 16-bit
+      weights by default. 16-bit copies round stochastically; updated every
+      step, they hold deviations from the params, lost if those go non-finite.
     offload_to_host: keep the averages in host memory between update steps.
 
   Returns:
@@ -290,10 +287,10 @@ def ouema(*, ema_power: float = 0.5, bias_power: float = 0.2,
     update_freq: phi, the average is updated every ``update_freq`` steps
       after the burn-in. 1 updates every step.
     min_ema_multiplier: a floor on the EMA weight beta_t.
-    accumulator_dtype: dtype of the state's copies; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
-    offload_to_host: keep the state's copies in host memory between update
-      steps.
+    accumulator_dtype: dtype of the state's copies, float32 for 16-bit
+      weights by default. 16-bit copies round stochastically; updated every
+      step, they hold deviations from the params, lost if those go non-finite.
+    offload_to_host: keep the state in host memory between update steps.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update returns its
@@ -361,8 +358,9 @@ def power_ema(std: float, *, update_after: int = 0, update_freq: int = 1,
       reset to the current weights, and t' counts from its end.
     update_freq: the average is updated every ``update_freq`` steps after
       the burn-in.
-    accumulator_dtype: dtype of the average; by default float32 for
-      bfloat16/float16 weights and the weights' own dtype otherwise.
+    accumulator_dtype: dtype of the state's copies, float32 for 16-bit
+      weights by default. 16-bit copies round stochastically; updated every
+      step, they hold deviations from the params, lost if those go non-finite.
     offload_to_host: keep the average in host memory between update steps.
 
   Returns:

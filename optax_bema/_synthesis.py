@@ -79,10 +79,11 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
 
   ``snapshots`` is read twice (first to fit, then to sum the arrays), one
   snapshot on the device at a time: pass a list, or an object whose
-  ``__iter__`` loads them lazily (from an Orbax ``CheckpointManager``,
-  say). The second read must give the same snapshots as the first (their
-  steps, shapes and a checksum of every array are compared), so a
-  checkpoint written or deleted in between is an error, not a wrong model.
+  ``__iter__`` loads them lazily (:func:`orbax_snapshots` reads an Orbax
+  ``CheckpointManager``). The second read must give the same snapshots as
+  the first (their steps, shapes and a checksum of every array are
+  compared), so a checkpoint written or deleted in between is an error,
+  not a wrong model.
 
   Args:
     target: a stabilizer (``optax_bema.bema(...)``, ...), a profile (a
@@ -125,36 +126,81 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
     raise TypeError('synthesize: snapshots are read twice; pass a list or a '
                     're-iterable object (whose __iter__ loads them lazily), '
                     'not a one-shot iterator or generator.')
-  first = _read(snapshots)
-  ends = np.array([s.step for s in first], np.int64)
-  members = first[-1].members
+  prepared = prepare(snapshots)
   names = list(targets)
-  basis, sources = _fit.basis(members, ends)
-  wanted = [_targets.columns(targets[k], ends) for k in names]
-  fit = _fit.solve(basis, wanted, ridge)
-  models = _combine(snapshots, first, sources, fit.coefficients)
-  params = first[-1].params_like
-  moved = _fit.path_error(fit, ends, np.array([s.moved for s in first]))
-  out, residual, error = {}, {}, {}
-  for i, (k, m) in enumerate(zip(names, models)):
-    out[k] = _tree.cast_like_params(m, params)
-    residual[k] = float(fit.residual[i])
-    distance = math.sqrt(float(_squared_distance(
-        *(_tree.as_accumulator(x, None) for x in (out[k], params)))))
-    error[k] = float(moved[i] / distance) if distance else (
-        0.0 if moved[i] == 0 else math.inf)
+  solution = fit(prepared, [targets[k] for k in names], ridge)
+  models = combine(snapshots, prepared, solution.coefficients)
+  errors = model_errors(prepared, solution, models)
+  out = dict(zip(names, models))
+  residual = {k: float(r) for k, r in zip(names, solution.residual)}
+  error = dict(zip(names, errors))
   if single:
     return Synthesized(out[None], residual[None], error[None])
   return Synthesized(out, residual, error)
 
 
+class Prepared(NamedTuple):
+  """The first read of the snapshots, and the fit's basis from it."""
+  first: list       # _Snapshot per snapshot, checked
+  ends: np.ndarray  # their steps
+  basis: list       # _profiles.Columns per tracked average, and the units
+  sources: list     # (snapshot index, average name or None) per column
+  moved: np.ndarray  # ||theta_s - theta at the snapshot before||^2
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.ends[-1])
+
+
+def prepare(snapshots) -> Prepared:
+  """Reads the snapshots once (checked) and lays out the fit's basis."""
+  first = _read(snapshots)
+  ends = np.array([s.step for s in first], np.int64)
+  basis, sources = _fit.basis(first[-1].members, ends)
+  return Prepared(first, ends, basis, sources,
+                  np.array([s.moved for s in first]))
+
+
+def fit(prepared: Prepared, targets: list, ridge: float) -> _fit.Solution:
+  """Each target's coefficients on the saved arrays (no array is read)."""
+  return _fit.solve(prepared.basis,
+                    [_targets.columns(t, prepared.ends) for t in targets],
+                    ridge)
+
+
+def combine(snapshots, prepared: Prepared, coefficients) -> list:
+  """The second read: one model per row of ``coefficients``, with the
+  params' structure, dtypes and shardings."""
+  params = prepared.first[-1].params_like
+  return [_tree.cast_like_params(m, params) for m in _combine(
+      snapshots, prepared.first, prepared.sources, coefficients)]
+
+
+def model_errors(prepared: Prepared, solution: _fit.Solution,
+                 models: list, rows=None) -> list[float]:
+  """Each model's estimated error relative to its distance from the last
+  snapshot's params (``rows``: the solution's rows the models are)."""
+  moved = _fit.path_error(solution, prepared.ends, prepared.moved)
+  params = prepared.first[-1].params_like
+  out = []
+  for i, model in zip(range(len(models)) if rows is None else rows, models):
+    distance = math.sqrt(float(_squared_distance(
+        *(_tree.as_accumulator(x, None) for x in (model, params)))))
+    out.append(float(moved[i] / distance) if distance else (
+        0.0 if moved[i] == 0 else math.inf))
+  return out
+
+
 class _Snapshot(NamedTuple):
   step: int
-  members: dict        # name: (rule, schedule, state)
+  members: dict        # name: (rule, schedule, state: the last one's only)
   layout: Any          # tree structure and leaf shapes of the params
   checksum: np.ndarray
   params_like: Any     # the params; kept for the last snapshot only
-  moved: float = 0.0   # ||theta_step - theta at the snapshot before||^2
+  initial: dict        # name: checksum of the theta_0 it holds
+  # ||theta_step - theta at the snapshot before||^2; for the first
+  # snapshot, from theta_0 where an average holds it (0 otherwise).
+  moved: float = 0.0
 
 
 def _read(snapshots) -> list[_Snapshot]:
@@ -169,15 +215,33 @@ def _read(snapshots) -> list[_Snapshot]:
     snap = _snapshot(opt_state, params, layout, last)
     if out:
       _same_run(out, snap)
-      out[-1] = out[-1]._replace(params_like=None)  # never all at once
+      # Never every snapshot's arrays at once: only the last one's stay.
+      out[-1] = out[-1]._replace(params_like=None, members={
+          k: (rule, schedule, None)
+          for k, (rule, schedule, _) in out[-1].members.items()})
       snap = snap._replace(moved=float(_squared_distance(
           _tree.as_accumulator(params, None), before)))
+    else:
+      snap = snap._replace(moved=_moved_from_start(snap, params))
     out.append(snap)
     layout, last = snap.layout, snap.step
     before = _tree.as_accumulator(params, None)
   if not out:
     raise ValueError('synthesize: no snapshots.')
   return out
+
+
+def _moved_from_start(snap: _Snapshot, params) -> float:
+  """||theta_s - theta_0||^2 for the first snapshot, where an average holds
+  theta_0 and the snapshot is after it: how far the path before the first
+  snapshot moved, which the error estimate must see when the early
+  snapshots were deleted."""
+  for _, schedule, state in snap.members.values():
+    initial = getattr(state, 'initial_params', None)
+    if initial is not None and snap.step > int(schedule.update_after):
+      return float(_squared_distance(_tree.as_accumulator(params, None),
+                                     _tree.as_accumulator(initial, None)))
+  return 0.0
 
 
 @jax.jit
@@ -215,7 +279,11 @@ def _snapshot(opt_state, params, layout, last) -> _Snapshot:
     _snapshots.require_finite(
         model, f'synthesize: the values of the average {k!r} at step {step}')
     _require_reset(k, members[k][1], model, params, step)
-  return _Snapshot(step, members, layout, _checksum(params, members), params)
+  initial = {k: _checksum(s.initial_params, {})
+             for k, (_, _, s) in members.items()
+             if getattr(s, 'initial_params', None) is not None}
+  return _Snapshot(step, members, layout, _checksum(params, members), params,
+                   initial=initial)
 
 
 def _require_reset(name, schedule, model, params, step):
@@ -271,15 +339,12 @@ def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
   if what != now:
     raise ValueError(f'synthesize: the snapshot at step {snap.step} tracks '
                      f'{now}, the first one {what}: snapshots of one run.')
-  for k, (_, schedule, state) in snap.members.items():
-    initial = getattr(state, 'initial_params', None)
+  for k, (_, schedule, _) in snap.members.items():
     after = [e for e in earlier if e.step >= int(schedule.update_after)]
-    if initial is None or not after:
+    if k not in snap.initial or not after:
       continue
     reference = after[0]
-    if not np.array_equal(
-        _checksum(initial, {}),
-        _checksum(reference.members[k][2].initial_params, {})):
+    if not np.array_equal(snap.initial[k], reference.initial[k]):
       raise ValueError(
           f'synthesize: the snapshot at step {snap.step} has another theta_0 '
           f'(in {k!r}) than the one at step {reference.step}: snapshots of '

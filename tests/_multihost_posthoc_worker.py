@@ -7,7 +7,9 @@ weight matrix is split over every device (rows over the processes, columns
 over each process's devices), saving the averages' state and the params
 with Orbax at every step under CKPT (each process writes its own shards).
 It then restores them (each process reading its own shards) and runs
-``synthesize`` and ``replay`` on the restored snapshots; the models must
+``synthesize``, ``replay`` and ``choose`` on the restored snapshots (choose
+with its default candidates, scored by a jitted loss of the global
+arrays, and the table's scores written out too); the models must
 keep the params' shardings. Only then are they gathered, for the test to
 compare, and written to OUT (.npz). NUM_PROCESSES=1 is the one-process run
 on a single device, without ``jax.distributed``.
@@ -18,6 +20,7 @@ import sys
 
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -81,8 +84,17 @@ def run(put, ckpt: pathlib.Path):
       chosen['synthesize'], [restore(t) for t in SYNTHESIS_STEPS])
   replayed = optax_bema.replay(
       chosen['replay'], [(t, restore(t)[1]) for t in range(STEPS + 1)])
-  models = {**synthesized.model, **replayed}
+  choice = optax_bema.choose(
+      [restore(t) for t in SYNTHESIS_STEPS],
+      lambda p: jnp.sum(jnp.square(p['w'] - 0.5)) + jnp.sum(p['b'] ** 2),
+      progress=False)
+  scores = np.array([r.score for r in choice.table])
+  models = {**synthesized.model, **replayed, 'choose': choice.model,
+            'choose_table': {'scores': scores, 'chosen': np.array(
+                [r.name == choice.name for r in choice.table])}}
   for name, model in models.items():
+    if name == 'choose_table':
+      continue
     for k in model:
       assert model[k].sharding.is_equivalent_to(params[k].sharding, 2), (
           name, k, model[k].sharding, params[k].sharding)
@@ -108,8 +120,10 @@ def main(out, ckpt, process_id, num_processes, port):
 
     models, params = run(put, ckpt)
     assert not params['w'].is_fully_addressable  # split over the processes
+    table = models.pop('choose_table')
     gathered = multihost_utils.process_allgather(
         {**models, 'params': params}, tiled=True)
+    gathered['choose_table'] = table
     np.savez(out, **{f'{name}/{k}': np.asarray(v)
                      for name, model in gathered.items()
                      for k, v in model.items()})

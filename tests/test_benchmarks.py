@@ -197,6 +197,21 @@ def test_finetune_smoke(tmp_path):
   assert (tmp_path / 'out' / 'finetune.png').stat().st_size > 0
 
 
+def test_low_precision_smoke(tmp_path):
+  run_benchmark('cost/low_precision.py', '--smoke', '--out',
+                str(tmp_path / 'out'), '--cache', str(tmp_path / 'cache'),
+                cwd=tmp_path,
+                env={'XLA_FLAGS': '--xla_backend_optimization_level=0'})
+  results = json.loads((tmp_path / 'out' / 'results.json').read_text())
+  memory = results['bytes_per_parameter']
+  # 4 and 2 bytes per element and copy, plus a few scalars per state.
+  for name, copies in (('ema', 1), ('bema', 2), ('dema', 2), ('ouema', 2),
+                       ('posthoc_ema()', 5)):
+    assert memory[f'{name} float32'] == pytest.approx(4 * copies, rel=1e-2)
+    assert memory[f'{name} bfloat16'] == pytest.approx(2 * copies, rel=1e-2)
+  assert all(np.isfinite(r['distance']) for r in results['rows'])
+
+
 @pytest.mark.parametrize('schedule', _schedules.SCHEDULES)
 def test_schedules_are_the_pace_papers(schedule):
   """Step k (from 1) against the definitions: warmup peak k / W, then

@@ -26,8 +26,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / 'docs'
 README = ROOT / 'README.md'
 # Pages that must hold at least one runnable example.
-PAGES_WITH_EXAMPLES = ('getting_started.md', 'which_average.md', 'pace.md',
-                       'adaptive_ademamix.md', 'scaling_out.md', 'merging.md')
+PAGES_WITH_EXAMPLES = ('getting_started.md', 'which_average.md', 'choose.md',
+                       'pace.md', 'adaptive_ademamix.md', 'scaling_out.md',
+                       'merging.md')
 RUNNABLE = re.compile(r'^```python\n(.*?)^```', re.S | re.M)
 
 
@@ -75,6 +76,19 @@ def test_page_has_examples(page):
     ids=lambda v: v.name if isinstance(v, pathlib.Path) else str(v))
 def test_docs_example_runs(path, index):
   _run(_examples(path)[index], f'docs/{path.name} example {index}')
+
+
+PRINT = re.compile(r'^\s*print\(', re.M)
+
+
+@pytest.mark.parametrize('path', sorted(DOCS.glob('*.md')) + [README],
+                         ids=lambda p: p.name)
+def test_docs_examples_check_what_they_show(path):
+  """A value an example shows is asserted, not printed: a printed value
+  nobody checks drifts from the text around it."""
+  blocks = RUNNABLE.findall(path.read_text())
+  assert not [b for b in blocks if PRINT.search(b)], (
+      f'{path.name}: a runnable example prints; assert the value instead')
 
 
 def test_readme_minimal_example_runs():

@@ -3,9 +3,9 @@
 Two processes joined by jax.distributed on loopback (2 CPU devices each)
 train one model whose weights are split over all 4 devices, save snapshots
 with Orbax, restore them (each process its own shards) and run
-``synthesize`` and ``replay``. Nothing is gathered before the models exist;
-they keep the params' shardings (checked in the worker) and equal a
-one-process run's, to float32 rounding.
+``synthesize``, ``replay`` and ``choose``. Nothing is gathered before the
+models exist; they keep the params' shardings (checked in the worker) and
+equal a one-process run's, to float32 rounding.
 """
 
 import pathlib
@@ -33,7 +33,20 @@ def test_both_processes_hold_the_same_models(runs):
     np.testing.assert_array_equal(first[key], second[key], err_msg=key)
 
 
-@pytest.mark.parametrize('name', ['bema', 'power', 'last3', 'ema', 'swa'])
+def test_choose_gives_every_process_the_same_table_and_model(runs):
+  """choose on the restored shards: the same table on both processes, and
+  the one-process run's choice."""
+  first, second, one = runs
+  for key in ('choose_table/scores', 'choose_table/chosen'):
+    np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+  np.testing.assert_array_equal(first['choose_table/chosen'],
+                                one['choose_table/chosen'])
+  np.testing.assert_allclose(first['choose_table/scores'],
+                             one['choose_table/scores'], rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['bema', 'power', 'last3', 'ema', 'swa',
+                                  'choose'])
 def test_equal_to_a_one_process_run(runs, name):
   first, _, one = runs
   for k in ('w', 'b'):

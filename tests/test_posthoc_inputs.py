@@ -331,6 +331,28 @@ def test_a_snapshot_whose_averages_saw_different_steps_is_refused(run):
                           snapshots[:10] + [(hostile, params)])
 
 
+def test_snapshots_saved_at_micro_steps_name_multisteps():
+  """Under gradient accumulation a stabilizer counts optimizer updates:
+  snapshots placed by micro-steps (every 4 make an update) repeat a count
+  near the end, which the error traces to MultiSteps."""
+  tx = optax.MultiSteps(optax.chain(optax.sgd(0.1),
+                                    optax_bema.posthoc_ema(**TRACKED)),
+                        every_k_schedule=4)
+  params = jnp.asarray([2.0, -1.0, 0.5, 3.0])
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  micro_steps = optax_bema.snapshot_steps(200, 20)
+  snapshots = [(state, params)]
+  for t in range(1, 201):
+    updates, state = update(CURVATURE * (params - 1.0), state, params)
+    params = optax.apply_updates(params, updates)
+    if t in micro_steps:
+      snapshots.append((state, params))
+  with pytest.raises(ValueError,
+                     match='step 48 came after step 48.*MultiSteps'):
+    optax_bema.synthesize(synthesis_target(), snapshots)
+
+
 def test_snapshots_tracking_other_averages_are_refused(run):
   snapshots, _, _ = run
   tx = optax.chain(optax.sgd(0.1), optax_bema.posthoc_ema(ema_powers=(0.4,)))

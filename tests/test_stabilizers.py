@@ -4,8 +4,6 @@ The reference is the BEMA paper's Algorithm 1 and Appendix C (Block and
 Zhang 2025, arXiv 2508.00180), one iterate at a time.
 """
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,33 +270,3 @@ def test_step_counter_saturates():
   assert int(state.count) == np.iinfo(np.int32).max
   model = optax_bema.averaged_params(state, params)
   assert np.isfinite(model).all()
-
-
-@pytest.mark.parametrize('kind', KINDS)
-def test_an_average_that_never_updated_says_so(kind):
-  """Updated every 400 steps, read after 300: the model is still the
-  weights at init, which a read outside jit says, naming update_freq; once
-  it has updated, or while the burn-in keeps it at the current weights,
-  nothing is said."""
-  tx = optax.chain(optax.sgd(0.1), catalog.stabilizer(kind, update_freq=400))
-  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(p - 2.0, s, p)))
-  params = jnp.ones(3)
-  state = tx.init(params)
-  for _ in range(300):
-    params, state = step(params, state)
-  with pytest.warns(optax_bema.NeverUpdatedWarning, match='update_freq'):
-    model = optax_bema.averaged_params(state, params)
-  np.testing.assert_array_equal(model, jnp.ones(3))  # theta_0 itself
-  for _ in range(100):
-    params, state = step(params, state)
-  with warnings.catch_warnings():
-    warnings.simplefilter('error')
-    optax_bema.averaged_params(state, params)
-    burn_in = optax.chain(optax.sgd(0.1), catalog.stabilizer(
-        kind, update_after=50, update_freq=100))
-    state = burn_in.init(params)
-    for _ in range(30):
-      state = burn_in.update(params - 2.0, state, params)[1]
-      params = params - 0.1 * (params - 2.0)
-    optax_bema.averaged_params(state, params)

@@ -15,14 +15,20 @@ ROWS = (('last iterate (AdamW)', ('last_iterate',)),
               ('default', ('defaults', k)),
               ('post-hoc choice', ('by_stabilizer', k, 'posthoc')),
               ('best in hindsight', ('by_stabilizer', k, 'hindsight')))),
-        ('any: post-hoc choice (synthesized)', ('posthoc',)),
+        ('any: optax_bema.choose (synthesized)', ('posthoc',)),
         ('  same setting, exact model', ('posthoc', 'exact')),
         ('  choice by validation, exact models', ('exact_choice',)),
         ('any: best in hindsight (held-out)', ('hindsight',)))
 
 
+# A choice refined between grid points has no exact model in the study.
+_MISSING = dict(held_out_loss=float('nan'), name='(refined: no exact)')
+
+
 def _at(result: dict, path) -> dict:
   for key in path:
+    if isinstance(result, dict) and key not in result:
+      return _MISSING
     result = result[key]
   return result
 
@@ -73,7 +79,15 @@ def report(results: dict, title: str) -> str:
       f'choice among {results["grid"]["size"]}: '
       + each(chosen, 'held_out_rank', 'd'),
       f'synthesis of the choice: residual {each(chosen, "residual", ".3f")}'
-      f'; model error {each(chosen, "model_error", ".2%")}',
+      f'; model error estimated {each(chosen, "estimated_error", ".2%")}'
+      ', measured ' + ', '.join(
+          f'{s["posthoc"]["model_error"]:.2%}' if 'model_error'
+          in s['posthoc'] else 'n/a' for s in per_seed),
+      'cost of choose (seconds, candidates, refused, peak device bytes in '
+      'models): ' + '; '.join(
+          f'{c["seconds"]:.0f}s, {c["candidates"]}, {c["refused"]}, '
+          f'{c["peak_models"]:.1f}' for s in per_seed
+          for c in [s['synthesis']['by_schedule'][0]['cost']]),
       f'over the {results["grid"]["size"] - len(schedules[0]["exact"])} '
       'settings synthesized (the other '
       f'{len(schedules[0]["exact"])} weigh only saved steps): '
@@ -136,7 +150,8 @@ def plot(results: dict, out_dir: str, title: str) -> str:
       choice.scatter(exact, [p['held_out'] for p in points], s=8,
                      color=color, label=None if i else kind)
     for key, marker in (('posthoc', '*'), ('hindsight', 'x')):
-      point = seed['losses'][seed[key]['name']]
+      point = dict(validation=seed[key]['validation_loss'],
+                   held_out=seed[key]['held_out_loss'])
       choice.scatter(point['validation'], point['held_out'], s=120,
                      marker=marker, color='k',
                      label=None if i else f'{key} (per seed)')

@@ -212,12 +212,14 @@ class Setup(NamedTuple):
   eval_set: np.ndarray     # the held-out windows
 
 
-def setup(argv, description: str) -> tuple[argparse.Namespace, Setup]:
+def setup(argv, description: str,
+          default_out: str = 'benchmarks/results/lm/finetune',
+          ) -> tuple[argparse.Namespace, Setup]:
   """The command line of ``finetune.py`` (``posthoc.py`` takes the same),
   the configuration it names, the pretrained model (cached) and the
   corpus."""
   parser = argparse.ArgumentParser(description=description)
-  _common.add_common_args(parser, 'benchmarks/results/lm/finetune')
+  _common.add_common_args(parser, default_out)
   parser.add_argument('--smoke', action='store_true',
                       help='a tiny configuration for tests (seconds)')
   parser.add_argument('--text', help='fine-tune on this text file instead of '

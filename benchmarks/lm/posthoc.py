@@ -3,10 +3,13 @@
 Each seed fine-tunes ONCE with ``optax_bema.posthoc_ema()`` last in the chain
 and saves ``(its state, params)`` to host memory at the steps
 ``optax_bema.snapshot_steps(steps, 40)`` names, as a user saves checkpoints.
-After training, every setting of a grid (the four stabilizers x
-``ema_power`` x ``bias_power`` x ``update_freq``) is synthesized from those
-snapshots in one ``optax_bema.synthesize`` pass, each synthesized model is
-scored on a VALIDATION split, and the best is kept. The validation windows
+After training, ``optax_bema.choose`` picks the model: its default
+candidates and every setting of a grid (the four stabilizers x
+``ema_power`` x ``bias_power`` x ``update_freq``), synthesized from those
+snapshots, scored on a VALIDATION split, the best kept among those the
+snapshots support; the grid is also synthesized in one
+``optax_bema.synthesize`` pass, to measure the synthesis. The validation
+windows
 are the training text's last bytes, which no training batch samples; the
 held-out windows are the corpus' tail, as in the main comparison, and only
 the report reads them. The same is done again from fewer snapshots
@@ -25,11 +28,12 @@ of the three counts, none is. The results list these settings
 validation-loss gaps) is reported over the other settings only, and the
 choice is made over all of them, as a user's.
 
-The choice is compared with the models the grid's settings really return on
-that trajectory. Tracking 100+ stabilizers online costs minutes of
-compilation and ~20x the step time here, so each is computed exactly instead:
-the model after T steps is ``sum_s w[s] theta_s`` with ``w`` its profile
-(``optax_bema.profile``), applied to every iterate of the run on the host.
+The choice is compared with the models the grid's settings (and choose's
+default targets) really return on that trajectory. Tracking 100+
+stabilizers online costs minutes of compilation and ~20x the step time
+here, so each is computed exactly instead: the model after T steps is
+``sum_s w[s] theta_s`` with ``w`` its profile (``optax_bema.profile``),
+applied to every iterate of the run on the host.
 The four defaults are also run online (``optax_bema.averages``) in the same
 chain; their models are the defaults reported, and their distance to the
 profile sums checks that identity.
@@ -225,14 +229,19 @@ def train_seed(model, params, optimizer, batches, profiles: np.ndarray,
 
 def study_seed(model, params, optimizer, batches, validation, held_out, *,
                settings: Mapping, defaults: Mapping[str, str],
-               profiles: np.ndarray, schedules: list[Mapping], bar) -> dict:
+               profiles: np.ndarray, schedules: list[Mapping],
+               candidates: Mapping, bar) -> dict:
   """Train once, choose on ``validation``, report on ``held_out``.
 
   ``defaults`` maps a label to a setting's name; those run online too.
   ``profiles`` are the settings' weights on the iterates, in order.
   ``schedules`` (``num_snapshots``, the ``steps`` saved, which settings
-  are ``exact`` from them) are each synthesized from and chosen from; the
-  first is the post-hoc choice reported.
+  are ``exact`` from them) are each synthesized from (the grid, for the
+  synthesis' accuracy) and chosen from with ``optax_bema.choose`` (its
+  default candidates and the grid); the first is the post-hoc choice
+  reported. ``profiles`` holds the grid's rows, then those of
+  ``candidates``, choose's default targets, so that a choice among them
+  has its exact model too.
   """
   names = list(settings)
   score = scorer(model, jax.flatten_util.ravel_pytree(params)[1])
@@ -241,12 +250,15 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
   def lap():
     clock.append(time.perf_counter())
     return round(clock[-1] - clock[-2], 1)
-  snapshots, exact, online, last = train_seed(
+  snapshots, exact_all, online, last = train_seed(
       model, params, optimizer, batches, profiles,
       {k: stabilizer(settings[v]) for k, v in defaults.items()},
       set().union(*(s['steps'] for s in schedules)), bar)
   seconds = dict(train=lap())
+  exact = exact_all[:len(names)]
+  exact_of = dict(zip([*names, *candidates], exact_all))
   targets = {k: stabilizer(settings[k]) for k in names}
+  validation_loss = jax.jit(lambda p: _lm.loss_fn(model, p, validation))
 
   def model_error(approx, truth):
     """||approx - truth|| / ||truth - last iterate||: the part of what
@@ -265,16 +277,17 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
       synth, residual = models, out.residual
     del out
     val = score(models, validation)
-    choice = int(np.argmin(val))
-    runs.append(dict(errors=np.array([model_error(*pair) for pair in zip(
-        models, exact)]), val=val, choice=choice, model=models[choice]))
+    errors = np.array([model_error(*pair) for pair in zip(models, exact)])
     del models
     seconds['synthesize' if i == 0 else 'fewer'] = lap()
+    runs.append(dict(errors=errors, val=val, **choose(
+        OnDevice([snapshots[t] for t in schedule['steps']]), targets,
+        validation_loss)))
+    seconds['choose' if i == 0 else 'choose_fewer'] = lap()
   kinds = {k: [i for i, n in enumerate(names) if settings[n]['kind'] == k]
            for k in catalog.BEMA_PAPER}
   val_exact, held_exact = score(exact, validation), score(exact, held_out)
   val_synth = [run['val'] for run in runs]
-  chosen = [run['choice'] for run in runs]
   by_validation, hindsight = int(np.argmin(val_exact)), int(np.argmin(
       held_exact))
   # Each stabilizer's own post-hoc choice, as for a user who wants BEMA.
@@ -294,10 +307,26 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
                                       else validation_loss),
                 held_out_rank=int(np.sum(held_exact < held)) + 1)
 
+  def chosen(run, held):
+    """The choice ``choose`` made, and its exact model's entry where it is
+    one of the settings or of choose's default targets."""
+    out = dict(name=run['name'], held_out_loss=float(held),
+               validation_loss=run['score'],
+               held_out_rank=int(np.sum(held_exact < held)) + 1,
+               residual=run['residual'], estimated_error=run['error'])
+    if run['name'] in exact_of:
+      truth = exact_of[run['name']]
+      out['model_error'] = model_error(run['model'], truth)
+      (held_truth,) = score(truth[None], held_out)
+      out['exact'] = dict(name=run['name'], held_out_loss=float(held_truth),
+                          held_out_rank=int(np.sum(held_exact < held_truth))
+                          + 1)
+    return out
+
   def accuracy(schedule, run, held):
     """The synthesis' accuracy from one schedule, over the settings it
     really synthesizes, and the choice made from it."""
-    errors, val, choice = run['errors'], run['val'], run['choice']
+    errors, val = run['errors'], run['val']
     exact_rows = np.array([n in schedule['exact'] for n in names])
     gaps = np.where(exact_rows, np.nan, np.abs(val - val_exact))
     return dict(
@@ -311,7 +340,7 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
         max_validation_gap_at=names[int(np.nanargmax(gaps))],
         median_validation_gap=float(np.nanmedian(gaps)),
         rank_correlation=_rank_correlation(val, val_exact),
-        choice=entry(choice, held, val[choice]),
+        choice=chosen(run, held), cost=run['cost'],
         gap_to_hindsight=float(held - held_exact[hindsight]))
 
   return dict(
@@ -322,11 +351,7 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
                           exact[names.index(name)], online_model))
           for (label, name), online_model, held in zip(
               defaults.items(), online, held_online)},
-      posthoc=dict(
-          entry(chosen[0], held_chosen[0], val_synth[0][chosen[0]]),
-          residual=residual[names[chosen[0]]],
-          model_error=float(runs[0]['errors'][chosen[0]]),
-          exact=entry(chosen[0], held_exact[chosen[0]])),
+      posthoc=chosen(runs[0], held_chosen[0]),
       by_stabilizer={k: dict(
           posthoc=entry(kind_choice[k], held, val_synth[0][kind_choice[k]]),
           hindsight=entry(best, held_exact[best]))
@@ -348,6 +373,37 @@ def study_seed(model, params, optimizer, batches, validation, held_out, *,
       snapshots=len(schedules[0]['steps']), seconds=seconds)
 
 
+def choose(snapshots, targets: Mapping, validation_loss) -> dict:
+  """``optax_bema.choose`` over its default candidates and ``targets``,
+  by ``validation_loss``; the choice, and what it cost: seconds, and the
+  peak bytes of the live device arrays while scoring, beyond those alive
+  before (the snapshots are on the host)."""
+  before = _live_bytes()
+  peak = [before]
+
+  def score(p):
+    peak[0] = max(peak[0], _live_bytes())
+    return float(validation_loss(p))  # concrete: choose calls it as it is
+  started = time.perf_counter()
+  choice = optax_bema.choose(snapshots, score, candidates=targets,
+                             progress=False)
+  seconds = time.perf_counter() - started
+  row = next(r for r in choice.table if r.name == choice.name)
+  model = _flat(choice.model)
+  return dict(name=choice.name, score=choice.score, model=model,
+              residual=row.residual, error=row.error, cost=dict(
+                  seconds=round(seconds, 1), candidates=len(choice.table),
+                  refused=sum(bool(set(r.flags) & {'unsupported',
+                                                   'never updated'})
+                              for r in choice.table),
+                  peak_bytes=peak[0] - before,
+                  peak_models=round((peak[0] - before) / model.nbytes, 1)))
+
+
+def _live_bytes() -> int:
+  return sum(x.nbytes for x in jax.live_arrays())
+
+
 def _rank_correlation(a, b) -> float:
   """Spearman's rho (float losses have no ties)."""
   return float(np.corrcoef(*(np.argsort(np.argsort(v)) for v in (a, b)))[0, 1])
@@ -365,6 +421,14 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
     raise ValueError(f'the {mode} grid lacks the defaults {defaults}.')
   profiles = np.stack([optax_bema.profile(stabilizer(s), config['steps'])
                        for s in settings.values()])
+  # choose's own default targets, so a choice among them has an exact model.
+  candidates = {k: target for k, (target, _, _) in
+                optax_bema.default_candidates(config['steps']).items()
+                if k not in settings}
+  every = np.concatenate([profiles, np.stack([
+      target if isinstance(target, np.ndarray)
+      else optax_bema.profile(target, config['steps'])
+      for target in candidates.values()])])
   schedules = []
   for count in (plan['snapshots'], *plan['fewer']):
     steps = optax_bema.snapshot_steps(config['steps'], count)
@@ -385,8 +449,8 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
                  for _ in range(config['steps'])]
       per_seed.append(study_seed(
           model, params, optimizer, batches, validation, held,
-          settings=settings, defaults=defaults, profiles=profiles,
-          schedules=schedules, bar=bar))
+          settings=settings, defaults=defaults, profiles=every,
+          schedules=schedules, candidates=candidates, bar=bar))
   return dict(summary=_posthoc_report.summarize(per_seed), per_seed=per_seed,
               grid=dict(plan, size=len(settings), schedules=schedules),
               defaults=defaults, validation_windows=len(validation),

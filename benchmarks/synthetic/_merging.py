@@ -25,11 +25,12 @@ Both expected errors E||estimate - mu||^2 have exact discrete closed forms
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
 import optax_bema
-from optax_bema import _targets
 
 SHAPES = ('linear', 'cosine', '1-sqrt')
 FRACTION = 0.2      # the window: the last 20% of the run, as wsd decays in
@@ -44,11 +45,22 @@ def window(steps: int) -> list[int]:
   return list(range(steps, steps - length - 1, -every))[::-1]
 
 
+# The decayed runs' shapes w(u) on the window's progress u in [0, 1],
+# written here from their definitions (WSM, arXiv 2507.17634; 1-sqrt:
+# Hagele et al. 2024), not read from the library: the decayed run is the
+# reference the merges are held to.
+DECAYS = {
+    'linear': lambda u: 1.0 - u,
+    'cosine': lambda u: (1.0 + math.cos(math.pi * u)) / 2.0,
+    '1-sqrt': lambda u: 1.0 - math.sqrt(u),
+}
+
+
 def rates(eta: float, shape: str, steps: int) -> np.ndarray:
   """The decayed run's rate for the update at each step t = 0..T-1."""
   saved = window(steps)
   start, length = saved[0], steps - saved[0]
-  decay = _targets.DECAYS[shape]
+  decay = DECAYS[shape]
   return np.array([eta if t < start else eta * decay((t - start) / length)
                    for t in range(steps)])
 
