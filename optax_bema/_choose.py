@@ -101,6 +101,13 @@ def default_candidates(num_steps: int) -> dict:
           for f, fam in FAMILIES.items() for s in fam.grid(num_steps)}
 
 
+def never_updated(target, num_steps: int) -> bool:
+  """Whether ``target`` is a stabilizer with no update step from its
+  burn-in to ``num_steps``: its model is the weights it started from."""
+  return (isinstance(target, _engine.Stabilizer)
+          and not target.schedule.update_steps(num_steps).size)
+
+
 def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
            metric: Optional[str] = None, maximize: bool = False,
            max_error: float = DEFAULT_MAX_ERROR, refine: bool = True,
@@ -312,8 +319,7 @@ class _Run:
     setting)}``), ``batch_size`` models per read of the snapshots."""
     t = self.prepared.num_steps
     never = [k for k, (target, _, _) in grid.items()
-             if isinstance(target, _engine.Stabilizer)
-             and not target.schedule.update_steps(t).size]
+             if never_updated(target, t)]
     for k in never:
       target, family, setting = grid[k]
       if self.bar is not None:

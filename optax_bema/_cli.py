@@ -15,17 +15,15 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
+from optax_bema import _choose
 from optax_bema._checkpoint_dir import CheckpointDir
 from optax_bema._checkpoint_dir import describe_steps as _steps
 from optax_bema._checkpoint_dir import key_names as _names
 from optax_bema._checkpoint_dir import save
 
 # A target whose estimated model error (Synthesized.error) exceeds this is
-# refused: the snapshots cannot support it. posthoc_ema's defaults with
-# snapshot_steps(T, 40) synthesize the catalog's long-run targets within
-# 0.02, and the estimate tracks the true error within 0.3x to 3x, so 0.05
-# passes what the defaults support and refuses what they miss.
-MAX_ERROR = 0.05
+# refused, as choose refuses it: the same measured threshold.
+from optax_bema._choose import DEFAULT_MAX_ERROR as MAX_ERROR
 
 
 class Refused(Exception):
@@ -212,19 +210,18 @@ def _synthesize(args) -> int:
     targets = {spec: build_target(spec, saved, last) for spec in args.target}
     result = _synthesized(ckpt, saved, targets, args)
   rows, refused = [], []
-  for spec in targets:
-    fine = result.error[spec] <= MAX_ERROR
+  for spec, target in targets.items():
+    why = _unsupported(target, result, spec, last)
     rows.append((spec, f'{result.residual[spec]:.4f}',
-                 f'{result.error[spec]:.4f}', 'written' if fine or args.force
-                 else 'refused'))
-    if not fine:
-      refused.append(spec)
+                 f'{result.error[spec]:.4f}',
+                 why if why and not args.force else 'written'))
+    if why:
+      refused.append(f'{spec!r} ({why})')
   _table(('target', 'residual', 'error', ''), rows)
   if refused and not args.force:
     raise Refused(
-        f'the snapshots cannot support {", ".join(map(repr, refused))}: '
-        f'estimated error above {MAX_ERROR} (use --force to write anyway); '
-        'nothing written')
+        f'the snapshots cannot support {", ".join(refused)} '
+        '(use --force to write anyway); nothing written')
   parent = os.path.dirname(os.path.abspath(args.out_dir))
   partial = tempfile.mkdtemp(prefix='.optax-bema-', dir=parent)
   try:
@@ -239,8 +236,8 @@ def _synthesize(args) -> int:
 
 
 def _inspect(args) -> int:
+  import optax_bema
   from optax_bema import _averages
-  from optax_bema import catalog
   with CheckpointDir(args.ckpt_dir) as ckpt:
     print(f'{len(ckpt.steps)} checkpoints in {args.ckpt_dir}: steps '
           f'{_steps(ckpt.steps)}')
@@ -260,14 +257,26 @@ def _inspect(args) -> int:
       _table(('average', 'kind', 'settings'), described, indent='  ')
     if len(tracks) != 1 or not next(iter(tracks)):
       return 0
-    targets = catalog.long_run_targets()
+    last = ckpt.steps[-1]
+    targets = {k: target for k, (target, _, _)
+               in optax_bema.default_candidates(last).items()}
     result = _synthesized(ckpt, ckpt.steps, targets, args)
-  print(f'default targets at step {ckpt.steps[-1]} (supported: estimated '
-        f'error at most {MAX_ERROR}):')
-  _table(('target', 'residual', 'error', 'supported'), [
+  print(f"choose's default candidates at step {last} (supported: estimated "
+        f'error at most {MAX_ERROR}, as choose requires):')
+  _table(('candidate', 'residual', 'error', 'supported'), [
       (k, f'{result.residual[k]:.4f}', f'{result.error[k]:.4f}',
-       'yes' if result.error[k] <= MAX_ERROR else 'no') for k in targets])
+       _unsupported(targets[k], result, k, last) or 'yes') for k in targets])
   return 0
+
+
+def _unsupported(target, result, name, last) -> str:
+  """Why the snapshots cannot support ``target`` ('' if they can): the
+  reasons choose flags a candidate for."""
+  if _choose.never_updated(target, last):
+    return 'never updated'
+  if not result.error[name] <= MAX_ERROR:
+    return f'estimated error above {MAX_ERROR}'
+  return ''
 
 
 def _described(decoded) -> tuple[str, str]:

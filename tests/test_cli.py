@@ -10,6 +10,7 @@ the library called in this process on the same snapshots.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,12 @@ def test_inspect_lists_what_was_saved(run):
   for member in ('ema_power=0.25', 'ema_power=0.95', 'initial'):
     assert member in out
   assert 'ema_power=0.75' in out and 'lag=10.0' in out
-  assert 'bema 0.5/0.3' in out and 'supported' in out
+  # A row for each of choose's default candidates, judged by its threshold.
+  rows = {cells[0]: cells[-1] for cells in (
+      re.split(r'\s{2,}', line) for line in out.splitlines())}
+  for name in optax_bema.default_candidates(SAVED[-1]):
+    assert name in rows, out
+  assert 'yes' in rows.values() and 'above' in out
   done = command('inspect', params_dir)
   assert done.returncode == 0, done.stderr
   assert 'no averages state (merge only)' in done.stdout
@@ -169,6 +175,17 @@ def test_a_target_the_snapshots_cannot_support_is_refused(run, tmp_path):
                  '--force')
   assert done.returncode == 0, done.stderr
   assert (tmp_path / 'out').exists()
+
+
+def test_a_stabilizer_that_never_updated_is_refused(run, tmp_path):
+  """bema()'s default update_freq=400 has no update step in a 200-step run:
+  its model would be theta_0, so the command refuses it, naming why."""
+  _, posthoc_dir, _ = run
+  done = command('synthesize', posthoc_dir, tmp_path / 'out', '--target',
+                 'bema:ema_power=0.5')
+  assert done.returncode != 0
+  assert 'never updated' in done.stderr, done.stderr
+  assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('args, says', [
