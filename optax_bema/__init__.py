@@ -34,6 +34,7 @@ from optax_bema._pace import pace
 from optax_bema._pace import pace_telemetry
 from optax_bema._posthoc import posthoc_ema
 from optax_bema._posthoc import snapshot_steps
+from optax_bema._readout import NeverUpdatedWarning
 from optax_bema._readout import averaged_params
 from optax_bema._replay import replay
 from optax_bema._stabilizers import bema
@@ -63,6 +64,7 @@ __all__ = [
     'Synthesized',
     'SynthesizedProfile',
     'adaptive_ademamix',
+    'NeverUpdatedWarning',
     'averaged_params',
     'averages',
     'bema',

@@ -82,6 +82,9 @@ class Rule(NamedTuple):
       a state class of its own whose fields in ``deviations`` hold the
       average minus the params (``_rounding``), or None.
     deviations: the fields stored so, in a ``deviation`` rule.
+    unmoved: ``unmoved(state)``, True where the state's values show it has
+      had no update since init or its burn-in (its model is then the
+      weights it started from), or None where they cannot show it.
   """
   name: str
   state_cls: type
@@ -95,6 +98,7 @@ class Rule(NamedTuple):
   every_step: Optional['Rule'] = None
   deviation: Optional['Rule'] = None
   deviations: tuple[str, ...] = ()
+  unmoved: Optional[Callable[[Any], Any]] = None
 
 
 class Stabilizer(optax.GradientTransformationExtraArgs):

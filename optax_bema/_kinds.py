@@ -113,7 +113,8 @@ def _deviation(rule, state_cls, deviations=('ema',)):
     return rule.readout(_rounding.with_values(state, deviations, params),
                         params)
   return rule._replace(deviation=rule._replace(
-      state_cls=state_cls, readout=readout, deviations=deviations))
+      state_cls=state_cls, readout=readout, deviations=deviations,
+      unmoved=None))  # updated every step: it moves from the first step
 
 
 def _ema_field(name='ema', source=None) -> _engine.Field:
@@ -182,6 +183,31 @@ def _bema_check(schedule):
         'lag or bias_multiplier.')
 
 
+def equal(a, b) -> bool:
+  """Whether two trees of arrays hold the same values (read on the host)."""
+  return all(bool(jnp.array_equal(x, y)) for x, y
+             in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# What shows, in each kind's state, that it has not updated since init or
+# its burn-in: every field is theta_0 there, and one update moves them
+# apart. BEMA's bias weight is 0 until its first update (and after it only
+# with alpha_t = 0, BEMA as EMA, whose EMA then leaves theta_0); DEMA's two EMAs differ after an update (beta_t < 1) unless the
+# weights never moved; OUEMA's EMA leaves theta_0. EMA's one copy cannot
+# show it.
+def _bema_unmoved(state) -> bool:
+  return not float(state.bias_weight) and equal(state.ema,
+                                                state.initial_params)
+
+
+def _dema_unmoved(state) -> bool:
+  return equal(state.ema, state.ema_of_ema)
+
+
+def _ouema_unmoved(state) -> bool:
+  return equal(state.ema, state.initial_params)
+
+
 _STEPS = ('update_after', 'update_freq')
 _POWER_LAW = _STEPS + ('ema_power', 'lag', 'multiplier', 'min_ema_multiplier')
 _BIAS = _POWER_LAW + ('bias_power', 'bias_multiplier')
@@ -200,13 +226,14 @@ DEMA = _deviation(_engine.Rule(
     update=(_ema_field(), _ema_field('ema_of_ema', source='ema')),
     readout=lambda state, params: jax.tree.map(
         lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
-    profile=_profiles.dema, settings=_POWER_LAW),
+    profile=_profiles.dema, settings=_POWER_LAW, unmoved=_dema_unmoved),
     DemaDeviationState, ('ema', 'ema_of_ema'))
 OUEMA = _deviation(_engine.Rule(
     name='ouema', state_cls=OuemaState, averages=('initial_params', 'ema'),
     update=(_engine.Field('ema', _debiased_ema),),
     readout=lambda state, params: state.ema, profile=_profiles.ouema,
-    settings=_BIAS, check=_ouema_check), OuemaDeviationState)
+    settings=_BIAS, check=_ouema_check, unmoved=_ouema_unmoved),
+    OuemaDeviationState)
 # BEMA keeps theta at the last update step, unless it updates every step:
 # then the current params are that theta, and it holds one copy fewer.
 _BEMA_EVERY_STEP = _deviation(_engine.Rule(
@@ -214,7 +241,8 @@ _BEMA_EVERY_STEP = _deviation(_engine.Rule(
     update=(_ema_field(),
             _engine.Field('bias_weight', lambda w, theta, s: w.alpha)),
     readout=_bema_readout, profile=_profiles.bema, settings=_BIAS,
-    check=_bema_check, scalars=(('bias_weight', 0.0),)), BemaDeviationState)
+    check=_bema_check, scalars=(('bias_weight', 0.0),),
+    unmoved=_bema_unmoved), BemaDeviationState)
 BEMA = _BEMA_EVERY_STEP._replace(
     averages=_BEMA_EVERY_STEP.averages + ('last_iterate',),
     update=_BEMA_EVERY_STEP.update + (_engine.Field('last_iterate'),),
@@ -234,6 +262,14 @@ VARIANTS = tuple(v for r in RULES.values()
                  for v in (r, r.every_step, r.deviation,
                            r.every_step and r.every_step.deviation) if v)
 READOUTS = {r.state_cls: r.readout for r in reversed(VARIANTS)}
+# Where a state class's values can show it never updated (see Rule.unmoved).
+UNMOVED = {r.state_cls: r.unmoved for r in reversed(VARIANTS) if r.unmoved}
+_NAMES = {r.state_cls: r.name for r in reversed(VARIANTS)}
+
+
+def name_of(state) -> str:
+  """The kind whose state ``state`` is ('ema' for power_ema's too)."""
+  return _NAMES[type(state)]
 
 
 def require_stabilizer(transform, caller: str, what: str):

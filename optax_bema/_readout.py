@@ -3,6 +3,8 @@ to readout (each kind's own, and PACE's)."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,16 @@ def averaged_params(opt_state, params, name=None):
   Returns:
     A pytree with the structure, dtypes and shardings of ``params``.
 
+  An average updated every few steps returns, until its first update, the
+  weights it started from (theta_0, or the weights at the end of its
+  burn-in): ``bema()`` updates every 400 steps, so read after 300 it is the
+  untrained model. Read outside ``jit``, BEMA, DEMA and OUEMA see it in
+  their state and warn (:class:`NeverUpdatedWarning`, naming
+  ``update_freq`` and ``update_after``); an EMA's one copy cannot show it,
+  and under ``jit`` the values are unknown, so those return theta_0 without
+  a word. :func:`choose` never picks such an average, and
+  ``optax_bema.profile(tx, num_steps)`` shows where its weight lies.
+
   Raises:
     ValueError: when ``opt_state`` holds no averaging state (named
       ``name``), or several and no ``name`` picks one, or when ``params``
@@ -60,8 +72,40 @@ def averaged_params(opt_state, params, name=None):
       missing='Put a stabilizer last in the chain, e.g. optax.chain('
       'optax.adamw(lr), optax_bema.bema()), or use optax_bema.pace(...).',
       name=name)
-  return _tree.cast_like_params(model(state, params), params,
-                                'averaged_params: the average')
+  out = _tree.cast_like_params(model(state, params), params,
+                               'averaged_params: the average')
+  _warn_if_never_updated(state, out, params)
+  return out
+
+
+class NeverUpdatedWarning(UserWarning):
+  """An average read before its first update: it holds the weights it
+  started from, not an average."""
+
+
+def _warn_if_never_updated(state, out, params):
+  """Warns when ``state`` shows no update since init or its burn-in and its
+  model is not the current weights (it is during a burn-in). Only where
+  the values are known: outside ``jit``."""
+  unmoved = _kinds.UNMOVED.get(type(state))
+  if unmoved is None or any(isinstance(x, jax.core.Tracer)
+                            for x in jax.tree.leaves((state, params))):
+    return
+  state = to_device(state)
+  if not int(state.count) or not unmoved(state) or _kinds.equal(out, params):
+    return
+  skipped = int(state.nonfinite_count)
+  warnings.warn(
+      f'averaged_params: at step {int(state.count)}, this '
+      f'{_kinds.name_of(state)} average has not updated once since init or '
+      'the end of its burn-in, so it returns the weights it started from, '
+      'not an average'
+      + (f' ({skipped} update step(s) skipped a non-finite iterate)'
+         if skipped else '') + '. '
+      'It updates every update_freq steps after update_after (bema(), '
+      'ema(), dema() and ouema() default to update_freq=400): pass a '
+      'smaller update_freq, e.g. update_freq=1, or a smaller update_after.',
+      NeverUpdatedWarning, stacklevel=3)
 
 
 def model(state, params):

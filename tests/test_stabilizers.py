@@ -4,6 +4,8 @@ The reference is the BEMA paper's Algorithm 1 and Appendix C (Block and
 Zhang 2025, arXiv 2508.00180), one iterate at a time.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,6 +229,8 @@ def test_state_holds_the_minimum_number_of_copies(kind, hp, copies):
 # --- a non-finite iterate --------------------------------------------------
 
 
+# Read at every step, before the first update too, where the warning is due.
+@pytest.mark.filterwarnings('ignore::optax_bema.NeverUpdatedWarning')
 @pytest.mark.parametrize('kind', KINDS)
 @pytest.mark.parametrize('freq', [1, 2])
 @pytest.mark.parametrize('bad_value', [np.nan, np.inf])
@@ -270,3 +274,45 @@ def test_step_counter_saturates():
   assert int(state.count) == np.iinfo(np.int32).max
   model = optax_bema.averaged_params(state, params)
   assert np.isfinite(model).all()
+
+
+# The kinds whose state shows an average that never updated: BEMA's bias
+# weight, DEMA's two EMAs, OUEMA's EMA beside theta_0. EMA's one copy
+# cannot (nor power_ema's, EMA's state).
+SAYS_NEVER_UPDATED = ('bema', 'dema', 'ouema')
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_an_average_that_never_updated_says_so(kind):
+  """Updated every 400 steps, read after 300: the model is still the
+  weights at init; a read outside jit says so, naming update_freq, where
+  the state shows it. Once it has updated, or while a burn-in keeps it at
+  the current weights, nothing is said."""
+  tx = optax.chain(optax.sgd(0.1), catalog.stabilizer(kind, update_freq=400))
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(p - 2.0, s, p)))
+  params = jnp.ones(3)
+  state = tx.init(params)
+  for _ in range(300):
+    params, state = step(params, state)
+  with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter('always')
+    model = optax_bema.averaged_params(state, params)
+  np.testing.assert_array_equal(model, jnp.ones(3))  # theta_0 itself
+  said = [w for w in said if w.category is optax_bema.NeverUpdatedWarning]
+  assert len(said) == (kind in SAYS_NEVER_UPDATED)
+  if said:
+    assert 'update_freq' in str(said[0].message)
+    assert 'update_after' in str(said[0].message)
+  for _ in range(100):
+    params, state = step(params, state)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    assert not np.allclose(optax_bema.averaged_params(state, params), 1.0)
+    burn_in = optax.chain(optax.sgd(0.1), catalog.stabilizer(
+        kind, update_after=50, update_freq=100))
+    state = burn_in.init(params)
+    for _ in range(30):
+      state = burn_in.update(params - 2.0, state, params)[1]
+      params = params - 0.1 * (params - 2.0)
+    optax_bema.averaged_params(state, params)
