@@ -16,9 +16,9 @@ from optax_bema._adaptive_ademamix import AdaptiveAdemamixState
 from optax_bema._adaptive_ademamix import adaptive_ademamix
 from optax_bema._averages import AveragesState
 from optax_bema._averages import averages
+from optax_bema._candidates import default_candidates
 from optax_bema._choice import Choice
 from optax_bema._choose import choose
-from optax_bema._choose import default_candidates
 from optax_bema._fit import SynthesizedProfile
 from optax_bema._fit import synthesized_profile
 from optax_bema._kinds import BemaState

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from optax_bema import _orbax
+
 
 class CheckpointDir:
   """A directory of Orbax checkpoints, read-only, one step at a time."""
@@ -15,8 +17,8 @@ class CheckpointDir:
   def __init__(self, directory: str):
     if not os.path.isdir(directory):
       raise ValueError(f'{directory} is not a directory')
-    from absl import logging
-    import orbax.checkpoint as ocp
+    ocp = _orbax._ocp('the optax-bema command needs')
+    from absl import logging  # installed with orbax-checkpoint
     logging.set_verbosity(logging.ERROR)  # Orbax's notes are not the user's
     self._ocp = ocp
     self._manager = ocp.CheckpointManager(
@@ -128,7 +130,7 @@ def _sharding(meta, jax):
 def save(directory: str, tree):
   """Writes ``tree`` as an Orbax checkpoint (restore it with
   ``ocp.StandardCheckpointer().restore(directory)``)."""
-  import orbax.checkpoint as ocp
+  ocp = _orbax._ocp('the optax-bema command needs')
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.abspath(directory), tree)
 

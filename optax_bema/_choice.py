@@ -61,6 +61,8 @@ class Choice(NamedTuple):
       finite'`` keep it from being chosen; ``'exact'`` marks the rows read
       off the snapshots without synthesis).
     note: why the choice was restricted, or ``''``.
+    maximize: whether higher scores were better (``str`` lists the best
+      first either way).
   """
   model: Any
   name: str
@@ -68,9 +70,10 @@ class Choice(NamedTuple):
   score: float
   table: list
   note: str = ''
+  maximize: bool = False
 
   def __str__(self):
-    rows = sorted(self.table, key=_order)
+    rows = sorted(self.table, key=lambda r: _order(r, self.maximize))
     lines = [f'{"":2}{"name":<26}{"family":<13}{"length":>9}{"score":>12}'
              f'{"residual":>10}{"error":>9}  flags']
     for r in rows:
@@ -120,6 +123,8 @@ class Choice(NamedTuple):
     plt.close(fig)
 
 
-def _order(r: Row):
+def _order(r: Row, maximize: bool):
+  """Choosable rows first, best first; then refused and unscored ones."""
   refused = bool(set(r.flags) & set(REFUSED))
-  return (refused, not math.isfinite(r.score), r.score)
+  return (refused, not math.isfinite(r.score),
+          -r.score if maximize else r.score)

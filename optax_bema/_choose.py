@@ -12,18 +12,18 @@ the snapshots cannot support is flagged and never chosen.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping, NamedTuple, Optional
+from typing import Callable, Iterator, Mapping, Optional
 import warnings
 
 import jax
 import numpy as np
 
+from optax_bema import _candidates
 from optax_bema import _engine
 from optax_bema import _fit
 from optax_bema import _kinds
 from optax_bema import _profiles
 from optax_bema import _readout
-from optax_bema import _stabilizers
 from optax_bema import _synthesis
 from optax_bema import _targets
 from optax_bema import _tree
@@ -40,73 +40,6 @@ from optax_bema._choice import Row
 # estimate was at most 0.02 had a true error of at most 0.018; at 0.05 the
 # true error reached 0.052 (10 snapshots) and 0.030 (three).
 DEFAULT_MAX_ERROR = 0.02
-
-class _Family(NamedTuple):
-  build: Callable   # (setting, num_steps) -> target
-  grid: Callable    # num_steps -> settings
-  geometric: bool   # refine between settings in log scale
-  limits: Callable  # num_steps -> (lowest, highest) setting refined to
-
-
-def _power_law(factory, **settings):
-  return _Family(
-      lambda p, _: factory(ema_power=float(p), update_freq=1, **settings),
-      lambda _: (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), False,
-      lambda _: (0.1, 0.99))
-
-
-def _window(fractions):
-  def grid(num_steps):
-    windows = (round(f * num_steps) for f in fractions)
-    return tuple(sorted({w for w in windows if 2 <= w <= num_steps}))
-  return grid
-
-
-FAMILIES = {
-    'ema': _power_law(_stabilizers.ema),
-    'bema': _power_law(_stabilizers.bema, bias_power=0.2),
-    'dema': _power_law(_stabilizers.dema),
-    'ouema': _power_law(_stabilizers.ouema, bias_power=0.2),
-    'power_ema': _Family(lambda s, _: _stabilizers.power_ema(float(s)),
-                         lambda _: (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25),
-                         True, lambda _: (0.003, 0.28)),
-    # The mean of the last W iterates: LAWA's and PMA's checkpoint means
-    # as checkpoints grow dense, and SWA's tail average.
-    'mean': _Family(lambda w, t: _targets.uniform_profile(
-        range(t - int(w) + 1, t + 1), t),
-                    _window((0.01, 0.03, 0.1, 0.3, 1.0)), True,
-                    lambda t: (2, t)),
-    # Checkpoint merges shaped as a learning-rate decay over the last W
-    # steps (WSM, arXiv 2507.17634), every iterate of the window weighed.
-    **{shape: _Family(lambda w, t, shape=shape: _targets.decay_profile(
-        range(t - int(w), t + 1), t, shape),
-                      _window((0.03, 0.1, 0.3, 1.0)), True,
-                      lambda t: (2, t))
-       for shape in ('cosine', '1-sqrt')},
-}
-
-
-# The families whose setting is a window in steps.
-_WINDOWS = ('mean', 'cosine', '1-sqrt')
-
-
-def _name(family, setting) -> str:
-  return f'{family} {setting:g}'
-
-
-def default_candidates(num_steps: int) -> dict:
-  """``{name: (target, family, setting)}``: :func:`choose`'s default grid
-  for a run whose last snapshot is at step ``num_steps``."""
-  return {_name(f, s): (fam.build(s, num_steps), f, s)
-          for f, fam in FAMILIES.items() for s in fam.grid(num_steps)}
-
-
-def never_updated(target, num_steps: int) -> bool:
-  """Whether ``target`` is a stabilizer with no update step from its
-  burn-in to ``num_steps``: its model is the weights it started from."""
-  return (isinstance(target, _engine.Stabilizer)
-          and not target.schedule.update_steps(num_steps).size)
-
 
 def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
            metric: Optional[str] = None, maximize: bool = False,
@@ -197,10 +130,13 @@ def choose(snapshots, score, *, candidates: Optional[Mapping] = None,
             _unit(prepared.num_steps))
   for name, (rule, schedule, state) in last.members.items():
     if rule.name != 'initial':
+      # The public kind, in float32: a 16-bit member's rule stores
+      # deviations, which replay would read as values.
+      target = _engine.stabilizer(_kinds.RULES[rule.name], schedule)
       run.exact(f'tracked {name}', 'tracked',
                 _tree.cast_like_params(_readout.model(state, last.params_like),
                                        last.params_like),
-                _engine.stabilizer(rule, schedule))
+                target, _candidates.never_updated(target, prepared.num_steps))
   grid = _grid(prepared.num_steps, candidates)
   run.synthesize(grid)
   if refine:
@@ -216,7 +152,7 @@ def _unit(num_steps):
 
 
 def _grid(num_steps, candidates) -> dict:
-  grid = default_candidates(num_steps)
+  grid = _candidates.default_candidates(num_steps)
   for name, target in dict(candidates or {}).items():
     if target is None:
       grid.pop(name, None)
@@ -279,10 +215,11 @@ class _Run:
     self.best: Optional[tuple] = None  # (key, name, model)
     self.bar = _bar(progress)
 
-  def exact(self, name, family, model, target):
+  def exact(self, name, family, model, target, never=False):
     if self.bar is not None:
       self.bar.total += 1
-    self._add(name, family, None, target, model, 0.0, 0.0, ('exact',))
+    self._add(name, family, None, target, None if never else model, 0.0,
+              0.0, ('exact',) + (('never updated',) if never else ()))
 
   def _add(self, name, family, setting, target, model, residual, error,
            flags):
@@ -319,7 +256,7 @@ class _Run:
     setting)}``), ``batch_size`` models per read of the snapshots."""
     t = self.prepared.num_steps
     never = [k for k, (target, _, _) in grid.items()
-             if never_updated(target, t)]
+             if _candidates.never_updated(target, t)]
     for k in never:
       target, family, setting = grid[k]
       if self.bar is not None:
@@ -354,7 +291,12 @@ class _Run:
       self.bar.close()
 
   def choice(self) -> Choice:
-    assert self.best is not None  # the last iterate is always allowed
+    if self.best is None:  # every row refused: no finite score at all
+      last = next(r for r in self.rows if r.name == 'last iterate')
+      raise ValueError(
+          f'choose: the score is not finite for any model it could choose '
+          f'(the last iterate scored {last.score!r}); check the score '
+          'function and the validation data.')
     _, name, model = self.best
     note = ''
     synthesized = [r for r in self.rows if 'exact' not in r.flags]
@@ -367,7 +309,7 @@ class _Run:
       warnings.warn(note, stacklevel=3)
     row = next(r for r in self.rows if r.name == name)
     return Choice(model, name, self.targets[name], row.score,
-                  list(self.rows), note)
+                  list(self.rows), note, self.scorer.maximize)
 
 
 def _bar(progress):
@@ -386,7 +328,7 @@ def _refine(run: _Run, grid: Mapping):
   if run.best is None:
     return
   winner = next(r for r in run.rows if r.name == run.best[1])
-  family = FAMILIES.get(winner.family)
+  family = _candidates.FAMILIES.get(winner.family)
   if family is None or winner.setting is None or grid.get(
       winner.name, (None, None, None))[2] is None:
     return
@@ -413,11 +355,12 @@ def _refine(run: _Run, grid: Mapping):
         mid = min(max(mid, low), high)
       else:
         continue
-      mid = round(mid) if winner.family in _WINDOWS else round(mid, 4)
+      windowed = winner.family in _candidates.WINDOWS
+      mid = round(mid) if windowed else round(mid, 4)
       if mid not in settled:
         points.append(mid)
     if not points:
       return
-    run.synthesize({_name(winner.family, s): (family.build(s, t),
+    run.synthesize({_candidates.name(winner.family, s): (family.build(s, t),
                                               winner.family, s)
                     for s in points})

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
-from optax_bema import _choose
+from optax_bema import _candidates
 from optax_bema._checkpoint_dir import CheckpointDir
 from optax_bema._checkpoint_dir import describe_steps as _steps
 from optax_bema._checkpoint_dir import key_names as _names
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     args = parser.parse_args(argv)
     return args.run(args)
-  except (Refused, ValueError, OSError) as e:
+  except (Refused, ValueError, OSError, ImportError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     print(f'optax-bema: error: {first}', file=sys.stderr)
     return 2
@@ -272,7 +272,7 @@ def _inspect(args) -> int:
 def _unsupported(target, result, name, last) -> str:
   """Why the snapshots cannot support ``target`` ('' if they can): the
   reasons choose flags a candidate for."""
-  if _choose.never_updated(target, last):
+  if _candidates.never_updated(target, last):
     return 'never updated'
   if not result.error[name] <= MAX_ERROR:
     return f'estimated error above {MAX_ERROR}'

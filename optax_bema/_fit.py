@@ -100,7 +100,7 @@ def solve(basis, wanted, ridge) -> Solution:
 
 
 def path_error(solution: Solution, ends: np.ndarray,
-               moved: np.ndarray) -> np.ndarray:
+               moved: np.ndarray, since: int = 0) -> np.ndarray:
   """Each target's estimated model error ||sum_t r_t theta_t||, absolute.
 
   With r the residual profile (summing to 0), the model error is
@@ -108,7 +108,8 @@ def path_error(solution: Solution, ends: np.ndarray,
   weight before s (:class:`Solution`). Between two saved steps a < b the
   updates are unknown; their size is read off the saved params: ``moved``,
   ||theta_b - theta_a||^2 for each snapshot after the first, and for the
-  first ||theta_{s_0} - theta_0||^2 (0 where theta_0 is unknown). Each segment
+  first ||theta_{s_0} - theta_0||^2 (0 where theta_0 is unknown), theta_0
+  being the iterate at step ``since`` (the end of a burn-in). Each segment
   contributes the larger of its two extremes, updates all alike (a drift:
   (sum R_s)^2 moved / (b - a)^2) and independent (noise: sum R_s^2 times a
   per-step energy), the per-step energy being moved / (b - a) or, where
@@ -124,7 +125,7 @@ def path_error(solution: Solution, ends: np.ndarray,
   # The steps up to the first snapshot: their movement is known where
   # ``moved[0]`` holds the distance from theta_0 (else only the closest
   # pair's per-step energy, the sole bound left).
-  start = float(max(ends[0], 1))
+  start = float(max(ends[0] - since, 1))
   energy = np.maximum(np.concatenate([[moved[0] / start], per_step]),
                       closest)
   drift = np.concatenate([[moved[0] / start ** 2], moved[1:] / gaps ** 2])

@@ -192,16 +192,12 @@ def equal(a, b) -> bool:
 # What shows, in each kind's state, that it has not updated since init or
 # its burn-in: every field is theta_0 there, and one update moves them
 # apart. BEMA's bias weight is 0 until its first update (and after it only
-# with alpha_t = 0, BEMA as EMA, whose EMA then leaves theta_0); DEMA's two EMAs differ after an update (beta_t < 1) unless the
-# weights never moved; OUEMA's EMA leaves theta_0. EMA's one copy cannot
-# show it.
+# with alpha_t = 0, BEMA as EMA, whose EMA then leaves theta_0); OUEMA's
+# EMA leaves theta_0. EMA's one copy cannot show it, nor DEMA's two EMAs:
+# they also stay equal, at the last update's iterate, when beta_t = 1.
 def _bema_unmoved(state) -> bool:
   return not float(state.bias_weight) and equal(state.ema,
                                                 state.initial_params)
-
-
-def _dema_unmoved(state) -> bool:
-  return equal(state.ema, state.ema_of_ema)
 
 
 def _ouema_unmoved(state) -> bool:
@@ -226,7 +222,7 @@ DEMA = _deviation(_engine.Rule(
     update=(_ema_field(), _ema_field('ema_of_ema', source='ema')),
     readout=lambda state, params: jax.tree.map(
         lambda e1, e2: 2 * e1 - e2, state.ema, state.ema_of_ema),
-    profile=_profiles.dema, settings=_POWER_LAW, unmoved=_dema_unmoved),
+    profile=_profiles.dema, settings=_POWER_LAW),
     DemaDeviationState, ('ema', 'ema_of_ema'))
 OUEMA = _deviation(_engine.Rule(
     name='ouema', state_cls=OuemaState, averages=('initial_params', 'ema'),

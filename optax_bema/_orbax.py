@@ -17,13 +17,12 @@ from optax_bema import _averages
 from optax_bema import _posthoc
 
 
-def _ocp():
+def _ocp(what='optax_bema.snapshot_options and orbax_snapshots need'):
   try:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        'optax_bema.snapshot_options and orbax_snapshots need '
-        'orbax-checkpoint: pip install "optax-bema[orbax]" (or '
+        f'{what} orbax-checkpoint: pip install "optax-bema[orbax]" (or '
         'orbax-checkpoint).') from e
   return ocp
 

@@ -45,11 +45,12 @@ def averaged_params(opt_state, params, name=None):
   An average updated every few steps returns, until its first update, the
   weights it started from (theta_0, or the weights at the end of its
   burn-in): ``bema()`` updates every 400 steps, so read after 300 it is the
-  untrained model. Read outside ``jit``, BEMA, DEMA and OUEMA see it in
-  their state and warn (:class:`NeverUpdatedWarning`, naming
-  ``update_freq`` and ``update_after``); an EMA's one copy cannot show it,
-  and under ``jit`` the values are unknown, so those return theta_0 without
-  a word. :func:`choose` never picks such an average, and
+  untrained model. Read outside ``jit``, BEMA and OUEMA see it in their
+  state and warn (:class:`NeverUpdatedWarning`, naming ``update_freq`` and
+  ``update_after``); EMA's and DEMA's states cannot show it (DEMA's two
+  EMAs stay equal after every update when beta_t = 1), and under ``jit``
+  the values are unknown, so those return theta_0 without a word.
+  :func:`choose` never picks such an average, and
   ``optax_bema.profile(tx, num_steps)`` shows where its weight lies.
 
   Raises:
@@ -91,8 +92,10 @@ def _warn_if_never_updated(state, out, params):
   if unmoved is None or any(isinstance(x, jax.core.Tracer)
                             for x in jax.tree.leaves((state, params))):
     return
-  state = to_device(state)
-  if not int(state.count) or not unmoved(state) or _kinds.equal(out, params):
+  if not int(state.count):
+    return
+  state = to_device(state)  # an offloaded state is compared on the device
+  if not unmoved(state) or _kinds.equal(out, params):
     return
   skipped = int(state.nonfinite_count)
   warnings.warn(

@@ -141,11 +141,12 @@ def synthesize(target, snapshots: Iterable[tuple[Any, Any]], *,
 
 class Prepared(NamedTuple):
   """The first read of the snapshots, and the fit's basis from it."""
-  first: list       # _Snapshot per snapshot, checked
+  first: list       # _snapshots.Snapshot per snapshot, checked
   ends: np.ndarray  # their steps
   basis: list       # _profiles.Columns per tracked average, and the units
   sources: list     # (snapshot index, average name or None) per column
   moved: np.ndarray  # ||theta_s - theta at the snapshot before||^2
+  since: int         # the step moved[0] is measured from (a burn-in's end)
 
   @property
   def num_steps(self) -> int:
@@ -154,11 +155,11 @@ class Prepared(NamedTuple):
 
 def prepare(snapshots) -> Prepared:
   """Reads the snapshots once (checked) and lays out the fit's basis."""
-  first = _read(snapshots)
+  first = _snapshots.read(snapshots)
   ends = np.array([s.step for s in first], np.int64)
   basis, sources = _fit.basis(first[-1].members, ends)
   return Prepared(first, ends, basis, sources,
-                  np.array([s.moved for s in first]))
+                  np.array([s.moved for s in first]), first[0].since)
 
 
 def fit(prepared: Prepared, targets: list, ridge: float) -> _fit.Solution:
@@ -180,178 +181,20 @@ def model_errors(prepared: Prepared, solution: _fit.Solution,
                  models: list, rows=None) -> list[float]:
   """Each model's estimated error relative to its distance from the last
   snapshot's params (``rows``: the solution's rows the models are)."""
-  moved = _fit.path_error(solution, prepared.ends, prepared.moved)
+  moved = _fit.path_error(solution, prepared.ends, prepared.moved,
+                          prepared.since)
   params = prepared.first[-1].params_like
   out = []
   for i, model in zip(range(len(models)) if rows is None else rows, models):
-    distance = math.sqrt(float(_squared_distance(
+    distance = math.sqrt(float(_snapshots.squared_distance(
         *(_tree.as_accumulator(x, None) for x in (model, params)))))
     out.append(float(moved[i] / distance) if distance else (
         0.0 if moved[i] == 0 else math.inf))
   return out
 
 
-class _Snapshot(NamedTuple):
-  step: int
-  members: dict        # name: (rule, schedule, state: the last one's only)
-  layout: Any          # tree structure and leaf shapes of the params
-  checksum: np.ndarray
-  params_like: Any     # the params; kept for the last snapshot only
-  initial: dict        # name: checksum of the theta_0 it holds
-  # ||theta_step - theta at the snapshot before||^2; for the first
-  # snapshot, from theta_0 where an average holds it (0 otherwise).
-  moved: float = 0.0
-
-
-def _read(snapshots) -> list[_Snapshot]:
-  """The first read: every snapshot checked, alone and against the others."""
-  out: list[_Snapshot] = []
-  layout, last, before = None, -1, None
-  for pair in snapshots:
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-      raise TypeError(f'synthesize: each snapshot must be an (opt_state, '
-                      f'params) pair, got {type(pair).__name__}.')
-    opt_state, params = pair
-    snap = _snapshot(opt_state, params, layout, last)
-    if out:
-      _same_run(out, snap)
-      # Never every snapshot's arrays at once: only the last one's stay.
-      out[-1] = out[-1]._replace(params_like=None, members={
-          k: (rule, schedule, None)
-          for k, (rule, schedule, _) in out[-1].members.items()})
-      snap = snap._replace(moved=float(_squared_distance(
-          _tree.as_accumulator(params, None), before)))
-    else:
-      snap = snap._replace(moved=_moved_from_start(snap, params))
-    out.append(snap)
-    layout, last = snap.layout, snap.step
-    before = _tree.as_accumulator(params, None)
-  if not out:
-    raise ValueError('synthesize: no snapshots.')
-  return out
-
-
-def _moved_from_start(snap: _Snapshot, params) -> float:
-  """||theta_s - theta_0||^2 for the first snapshot, where an average holds
-  theta_0 and the snapshot is after it: how far the path before the first
-  snapshot moved, which the error estimate must see when the early
-  snapshots were deleted."""
-  for _, schedule, state in snap.members.values():
-    initial = getattr(state, 'initial_params', None)
-    if initial is not None and snap.step > int(schedule.update_after):
-      return float(_squared_distance(_tree.as_accumulator(params, None),
-                                     _tree.as_accumulator(initial, None)))
-  return 0.0
-
-
-@jax.jit
-def _squared_distance(a, b):
-  """||a - b||^2 over every leaf, in float32 (b laid out as a)."""
-  return _tree.tree_sum(jax.tree.map(
-      lambda x, y: jnp.square(x - like_sharding(y, x).astype(x.dtype)),
-      a, b))
-
-
-def _snapshot(opt_state, params, layout, last) -> _Snapshot:
-  members = _averages.tracked(opt_state, 'synthesize')
-  counts = {k: _whole(state.count, k) for k, (_, _, state)
-            in members.items()}
-  step = max(counts.values())
-  if len(set(counts.values())) != 1:
-    raise ValueError(f'synthesize: the averages of one snapshot have seen '
-                     f'different numbers of steps ({counts}): not one state.')
-  skipped = {k: _whole(s.nonfinite_count, k)
-             for k, (_, _, s) in members.items()}
-  if any(skipped.values()):
-    raise ValueError(f'synthesize: the averages skipped non-finite iterates '
-                     f'({skipped} by step {step}); their profiles are not '
-                     'the nominal ones, so no synthesis can be trusted.')
-  layout = _snapshots.check_next(layout, params, last, step, 'synthesize')
-  for k, (rule, _, state) in members.items():
-    for field in rule.averages:
-      if getattr(state, field) is not None:
-        _tree.require_like_params(
-            getattr(state, field), params,
-            f'synthesize: the average {k!r} at step {step} ({field})')
-  models = {k: _readout.model(s, params) for k, (_, _, s) in members.items()}
-  _snapshots.require_finite(params, f'synthesize: the params at step {step}')
-  for k, model in models.items():
-    _snapshots.require_finite(
-        model, f'synthesize: the values of the average {k!r} at step {step}')
-    _require_reset(k, members[k][1], model, params, step)
-  initial = {k: _checksum(s.initial_params, {})
-             for k, (_, _, s) in members.items()
-             if getattr(s, 'initial_params', None) is not None}
-  return _Snapshot(step, members, layout, _checksum(params, members), params,
-                   initial=initial)
-
-
-def _require_reset(name, schedule, model, params, step):
-  """Up to the end of the burn-in (step 0 without one) every average is the
-  params themselves; one that is not was trained on other weights."""
-  if step > int(schedule.update_after):
-    return
-  theta = jax.tree.map(lambda p, m: m if isinstance(m, optax.MaskedNode)
-                       else jnp.asarray(p, m.dtype), params, model,
-                       is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  if float(_squared_distance(model, theta)) != 0.0:
-    raise ValueError(
-        f'synthesize: at step {step} the average {name!r} differs from the '
-        'params saved with it, where it must equal them (it starts as a '
-        'copy of the weights tx.init was given). Were the weights replaced '
-        'after tx.init (pretrained weights loaded later)? Call tx.init on '
-        'the weights training starts from.')
-
-
-def _whole(count, name: str) -> int:
-  """A saved step count, refused where its dtype may have rounded it."""
-  value = np.asarray(count)
-  if not np.issubdtype(value.dtype, np.integer):
-    # Every whole number below 2 ** (mantissa bits + 1) is exact; a count
-    # above it may have been rounded to a neighbour when it was cast.
-    exact_below = 2 ** (jnp.finfo(value.dtype).nmant + 1)
-    if not (value == np.round(value) and 0 <= value < exact_below):
-      raise ValueError(
-          f'synthesize: the step count of {name!r} was saved as '
-          f'{value.dtype}, which holds whole numbers exactly only below '
-          f'{exact_below}; got {value}, perhaps rounded. Keep integer '
-          'leaves integer when casting a checkpoint (cast only the '
-          'floating ones).')
-  return int(value)
-
-
-def _checksum(params, members) -> np.ndarray:
-  """Sums of every array a snapshot holds, to compare two reads of it and
-  the theta_0 of two snapshots."""
-  trees = [params] + [s for _, (_, _, s) in sorted(members.items())]
-  return np.array([float(jnp.sum(x, dtype=jnp.float32))
-                   for x in jax.tree.leaves(trees)
-                   if _tree.is_float_leaf(x)])
-
-
-def _same_run(earlier: list[_Snapshot], snap: _Snapshot):
-  """Snapshots of one run track the same averages from the same theta_0
-  (the weights at init, or at the end of the burn-in: compared from the
-  first snapshot after it)."""
-  first = earlier[0]
-  what = {k: (r.name, s.settings()) for k, (r, s, _) in first.members.items()}
-  now = {k: (r.name, s.settings()) for k, (r, s, _) in snap.members.items()}
-  if what != now:
-    raise ValueError(f'synthesize: the snapshot at step {snap.step} tracks '
-                     f'{now}, the first one {what}: snapshots of one run.')
-  for k, (_, schedule, _) in snap.members.items():
-    after = [e for e in earlier if e.step >= int(schedule.update_after)]
-    if k not in snap.initial or not after:
-      continue
-    reference = after[0]
-    if not np.array_equal(snap.initial[k], reference.initial[k]):
-      raise ValueError(
-          f'synthesize: the snapshot at step {snap.step} has another theta_0 '
-          f'(in {k!r}) than the one at step {reference.step}: snapshots of '
-          'different runs cannot be combined.')
-
-
-def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
+def _combine(snapshots, first: list[_snapshots.Snapshot], sources,
+             coefficients):
   """The second read: each target's weighted sum of the saved arrays, one
   snapshot at a time, checked against the first read."""
   sums = reference = None
@@ -360,9 +203,10 @@ def _combine(snapshots, first: list[_Snapshot], sources, coefficients):
     if i >= len(first):
       raise ValueError(_REREAD.format(f'more than {len(first)} snapshots'))
     members = _averages.tracked(opt_state, 'synthesize')
-    step = _whole(next(iter(members.values()))[2].count, 'count')
-    if (step != first[i].step
-        or not np.array_equal(_checksum(params, members), first[i].checksum)):
+    step = _snapshots.whole(next(iter(members.values()))[2].count, 'count')
+    checksum = _snapshots.checksum(params, members)
+    if step != first[i].step or not np.array_equal(checksum,
+                                                   first[i].checksum):
       raise ValueError(_REREAD.format(
           f'snapshot {i} (step {first[i].step}) with other contents (step '
           f'{step} on this read)'))

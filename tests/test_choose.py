@@ -190,7 +190,7 @@ def test_metrics_maximize_and_a_score_that_cannot_be_traced(run):
     value = float(score(p))  # concrete: not traceable
     calls.append(value)
     return {'loss': value, 'accuracy': -value}
-  small = {name: None for name in optax_bema._choose.default_candidates(T)
+  small = {name: None for name in optax_bema.default_candidates(T)
            if not name.startswith('ema ')}
   choice = optax_bema.choose(list(snapshots.values()), metrics,
                              metric='accuracy', maximize=True,
@@ -203,3 +203,63 @@ def test_metrics_maximize_and_a_score_that_cannot_be_traced(run):
   with pytest.raises(ValueError, match='metric='):
     optax_bema.choose(list(snapshots.values()), metrics, candidates=small,
                       progress=False)
+
+
+def _short_run(tx, num_steps):
+  """The MLP trained ``num_steps`` steps: ``(every step's (opt_state,
+  params), every iterate)``."""
+  x, y = _data(1)
+  params = {'w1': jax.random.normal(jax.random.key(5), (8, 16)) * 0.3,
+            'b1': jnp.zeros(16), 'w2': jnp.zeros((16, 1))}
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(jax.grad(_loss)(p, x, y), s, p)))
+  saved, iterates = [(state, params)], [params]
+  for _ in range(num_steps):
+    params, state = step(params, state)
+    saved.append((state, params))
+    iterates.append(params)
+  return saved, iterates
+
+
+def test_a_tracked_average_that_never_updated_is_never_chosen():
+  """A tracked bema() (every 400 steps) over 60 steps is theta_0, the
+  best model by a score that rewards staying put: flagged, not chosen."""
+  tx = optax.chain(optax.adam(1e-2), optax_bema.averages(
+      fast=optax_bema.ema(update_freq=1), slow=optax_bema.bema()))
+  saved, _ = _short_run(tx, 60)
+  theta_0 = _flat(saved[0][1])
+  stay = jax.jit(lambda p: jnp.sum(
+      (jax.flatten_util.ravel_pytree(p)[0] - theta_0) ** 2))
+  choice = optax_bema.choose(saved, stay, progress=False, refine=False)
+  row = next(r for r in choice.table if r.name == 'tracked slow')
+  assert 'never updated' in row.flags and math.isnan(row.score)
+  assert choice.name != 'tracked slow'
+
+
+def test_the_target_of_a_tracked_16_bit_average_replays_its_model():
+  """A bfloat16 member stores its deviation from the params; the target
+  choose returns for it is the kind itself, so replay over every iterate
+  gives the tracked model (to bfloat16's precision), not twice it."""
+  tx = optax.chain(optax.adam(1e-2),
+                   optax_bema.posthoc_ema(accumulator_dtype=jnp.bfloat16))
+  saved, iterates = _short_run(tx, 60)
+  want = optax_bema.averaged_params(saved[-1][0], saved[-1][1],
+                                    name='ema_power=0.5')
+  near = jax.jit(lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(
+      jax.tree.leaves(p), jax.tree.leaves(want))))
+  choice = optax_bema.choose(
+      saved, near, progress=False, refine=False,
+      candidates={k: None for k in optax_bema.default_candidates(60)})
+  assert choice.name == 'tracked ema_power=0.5'
+  replayed = optax_bema.replay(choice.target, enumerate(iterates))
+  distance = np.linalg.norm(_flat(want) - _flat(iterates[-1]))
+  assert np.linalg.norm(_flat(replayed) - _flat(want)) < 0.02 * distance
+
+
+def test_no_finite_score_at_all_is_a_clear_error(run):
+  snapshots, _, _, _ = run
+  with pytest.raises(ValueError, match='not finite for any model'):
+    optax_bema.choose(list(snapshots.values()), lambda p: jnp.inf,
+                      progress=False, refine=False,
+                      candidates={'ema 0.3': None})

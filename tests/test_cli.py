@@ -248,3 +248,20 @@ def test_merge_restores_a_sharded_checkpoint_on_the_devices_present(
   merged = restored(tmp_path / 'out')
   np.testing.assert_array_equal(merged['w'],
                                 np.arange(32.0).reshape(8, 4) * 2.5)
+
+
+def test_without_orbax_the_command_names_the_extra(run):
+  """The command installs with the package; orbax-checkpoint comes with the
+  orbax extra. Without it: one line naming that extra, no traceback."""
+  _, posthoc_dir, _ = run
+  blocked = ("import sys; sys.modules['orbax'] = None; "
+             "sys.modules['orbax.checkpoint'] = None; "
+             "from optax_bema._cli import main; "
+             f"sys.exit(main(['inspect', {str(posthoc_dir)!r}]))")
+  done = subprocess.run([sys.executable, '-c', blocked], capture_output=True,
+                        text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                        timeout=300)
+  assert done.returncode == 2
+  assert 'optax-bema[orbax]' in done.stderr, done.stderr
+  assert 'Traceback' not in done.stderr and len(
+      done.stderr.strip().splitlines()) == 1

@@ -232,6 +232,8 @@ def test_bad_arguments_are_clear_errors():
     optax_bema.profile(optax_bema.ema(), 2.5)
 
 
+# Read at every step, before the first update too, where the warning is due.
+@pytest.mark.filterwarnings('ignore::optax_bema.NeverUpdatedWarning')
 @pytest.mark.parametrize('kind', KINDS)
 def test_profile_replays_the_library_transform(kind):
   """The profile applied to the float32 iterates an optax chain produced

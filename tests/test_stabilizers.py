@@ -277,9 +277,10 @@ def test_step_counter_saturates():
 
 
 # The kinds whose state shows an average that never updated: BEMA's bias
-# weight, DEMA's two EMAs, OUEMA's EMA beside theta_0. EMA's one copy
-# cannot (nor power_ema's, EMA's state).
-SAYS_NEVER_UPDATED = ('bema', 'dema', 'ouema')
+# weight, OUEMA's EMA beside theta_0. EMA's one copy cannot (nor
+# power_ema's, EMA's state), nor DEMA's two EMAs (equal after an update
+# where beta_t = 1).
+SAYS_NEVER_UPDATED = ('bema', 'ouema')
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -309,10 +310,22 @@ def test_an_average_that_never_updated_says_so(kind):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     assert not np.allclose(optax_bema.averaged_params(state, params), 1.0)
-    burn_in = optax.chain(optax.sgd(0.1), catalog.stabilizer(
-        kind, update_after=50, update_freq=100))
-    state = burn_in.init(params)
-    for _ in range(30):
-      state = burn_in.update(params - 2.0, state, params)[1]
-      params = params - 0.1 * (params - 2.0)
-    optax_bema.averaged_params(state, params)
+  # A burn-in to step 50, updates every 100 steps after it (150, 250, ...).
+  burn_in = optax.chain(optax.sgd(0.1), catalog.stabilizer(
+      kind, update_after=50, update_freq=100))
+  params = jnp.ones(3)
+  state = burn_in.init(params)
+  for t in range(1, 101):
+    state = burn_in.update(params - 2.0, state, params)[1]
+    params = params - 0.1 * (params - 2.0)
+    if t == 30:  # in the burn-in: the current weights, nothing to say
+      with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        optax_bema.averaged_params(state, params)
+  # Step 100: the weights at step 50, not yet updated, while they moved on.
+  with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter('always')
+    model = optax_bema.averaged_params(state, params)
+  assert not np.allclose(model, params)
+  assert len([w for w in said if w.category is
+              optax_bema.NeverUpdatedWarning]) == (kind in SAYS_NEVER_UPDATED)

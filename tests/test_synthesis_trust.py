@@ -170,3 +170,23 @@ def test_inputs_in_the_wrong_container_say_what_to_pass(run):
                           [saved[s] for s in steps])
   with pytest.raises(TypeError, match='pair'):
     optax_bema.synthesize(optax_bema.ema(), [saved[s][1] for s in steps])
+
+
+
+def test_the_estimate_counts_the_first_gap_from_the_burn_in():
+  """theta_0 of a run with a burn-in is the iterate at the burn-in's end
+  (step 200 here): a distance D from it to the first snapshot (step 270)
+  was covered in 70 steps, not 270, so a drift moved D / 70 per step. The
+  residual's weight before the first snapshot, summed (L), meets that
+  drift: the estimate is |L| D / 70 (it read |L| D / 270, 0.26 of it, when
+  the gap was counted from step 0)."""
+  from optax_bema import _fit
+  lag, distance = 0.5, 3.0
+  solution = _fit.Solution(
+      coefficients=np.zeros((1, 2)), residual=np.zeros(1),
+      lag_sum=np.array([[lag, 0.0]]), lag_square=np.zeros((1, 2)))
+  ends, moved = np.array([270, 300]), np.array([distance ** 2, 0.0])
+  for since, steps in [(200, 70), (0, 270)]:
+    np.testing.assert_allclose(
+        _fit.path_error(solution, ends, moved, since), lag * distance / steps,
+        rtol=1e-12)
