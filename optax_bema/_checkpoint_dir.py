@@ -56,24 +56,20 @@ class CheckpointDir:
 
   def read(self, step: int, keys: Sequence[str], keep=None) -> dict:
     """The items ``keys`` of a step, each array on the devices it was saved
-    on where they are present (else on the first device); leaves where
-    ``keep(path)`` is false are skipped."""
+    on where they are present (else on the first device); leaves whose key
+    names ``keep`` rejects are skipped."""
     import jax
     ocp = self._ocp
-    tree = self.metadata(step, keys)
 
-    def args(path, meta):
-      if key_names(path)[0] not in keys or (keep and not keep(path)):
-        return ocp.PLACEHOLDER
+    def restore_arg(meta):
       if not hasattr(meta, 'shape'):
         return ocp.RestoreArgs()
       return ocp.ArrayRestoreArgs(sharding=_sharding(meta, jax),
                                   global_shape=meta.shape, dtype=meta.dtype)
-    restore_args = jax.tree_util.tree_map_with_path(args, tree)
-    item = jax.tree.map(lambda a, m: a if a is ocp.PLACEHOLDER else m,
-                        restore_args, tree)
-    saved = self._manager.restore(step, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args))
+    saved = _orbax.restore_only(
+        self._manager, step, self.metadata(step, keys),
+        lambda names: names[0] in keys and (keep is None or keep(names)),
+        restore_arg)
     return {k: saved[k] for k in keys}
 
   def averages(self, step: int, key: str) -> list[list]:
@@ -82,8 +78,8 @@ class CheckpointDir:
     import jax
     tree = self._manager.item_metadata(step).tree.get(key, {})
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    found = [[key, *key_names(p)[:-2]] for p, _ in leaves
-             if key_names(p)[-2:-1] == ['settings']]
+    found = [[key, *_orbax.key_names(p)[:-2]] for p, _ in leaves
+             if _orbax.key_names(p)[-2:-1] == ['settings']]
     return [p for i, p in enumerate(found) if p not in found[:i]]
 
   def records(self, step: int, key: str) -> dict:
@@ -92,7 +88,7 @@ class CheckpointDir:
     if len(prefixes) != 1:
       return {}
     settings = prefixes[0] + ['settings']
-    saved = self.read(step, [key], keep=lambda p: key_names(p)[:-1] == settings)
+    saved = self.read(step, [key], keep=lambda names: names[:-1] == settings)
     return dict(_at(saved, settings))
 
   def describe(self, key: str) -> str:
@@ -105,13 +101,8 @@ class CheckpointDir:
     return f'{len(leaves)} arrays, {size:,} values ({", ".join(dtypes)})'
 
 
-def key_names(path) -> list:
-  """A key path as its dict keys and sequence indices."""
-  return [getattr(k, 'key', getattr(k, 'idx', k)) for k in path]
-
-
-def _at(tree, path):
-  for name in key_names(path):
+def _at(tree, names):
+  for name in names:
     tree = tree[name]
   return tree
 

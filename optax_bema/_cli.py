@@ -18,7 +18,6 @@ from typing import Any, Sequence
 from optax_bema import _candidates
 from optax_bema._checkpoint_dir import CheckpointDir
 from optax_bema._checkpoint_dir import describe_steps as _steps
-from optax_bema._checkpoint_dir import key_names as _names
 from optax_bema._checkpoint_dir import save
 
 # A target whose estimated model error (Synthesized.error) exceeds this is
@@ -295,8 +294,7 @@ def _synthesized(ckpt, steps, targets, args):
                   f'{len(prefixes)} averages states; synthesis needs one '
                   '(train with optax_bema.posthoc_ema() last in the chain)')
 
-  def wanted(path):  # the params and the averages, not Adam's moments
-    names = _names(path)
+  def wanted(names):  # the params and the averages, not Adam's moments
     return names[0] == args.params_key or names[:len(prefixes[0])] == (
         prefixes[0])
 

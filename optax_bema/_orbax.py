@@ -99,7 +99,11 @@ class OrbaxSnapshots:
         manager.directory, item_handlers=ocp.PyTreeCheckpointHandler(),
         options=ocp.CheckpointManagerOptions(read_only=True,
                                              step_name_format=naming))
-    self._like = like
+    # Shapes, dtypes and shardings only: what Orbax restores into.
+    self._like = None if like is None else jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, 'sharding', None)),
+        like)
 
   def __len__(self):
     return len(self.steps)
@@ -129,18 +133,12 @@ class OrbaxSnapshots:
           f'{len(prefixes)} averages states; it must hold one (train with '
           'optax_bema.posthoc_ema() last in the chain).')
 
-    def wanted(path, x):
-      keys = tuple(_key(k) for k in path)
-      if keys[0] != 'params' and keys[:len(prefixes[0])] != prefixes[0]:
-        return ocp.PLACEHOLDER
-      return x
-    item = jax.tree_util.tree_map_with_path(wanted, tree)
-    restore_args = jax.tree.map(
-        lambda x: x if x is ocp.PLACEHOLDER else _restore_arg(ocp, x), item)
-    restored = self._reader.restore(step, args=ocp.args.PyTreeRestore(
-        item=jax.tree.map(lambda x: x if x is ocp.PLACEHOLDER
-                          else jax.ShapeDtypeStruct(x.shape, x.dtype), item),
-        restore_args=restore_args))
+    prefix = prefixes[0]
+    restored = restore_only(
+        self._reader, step, tree,
+        lambda names: names[0] == 'params' or tuple(
+            map(str, names[:len(prefix)])) == prefix,
+        lambda x: _restore_arg(ocp, x))
     return restored['opt_state'], restored['params']
 
 
@@ -152,11 +150,25 @@ def _restore_arg(ocp, x):
   return ocp.RestoreArgs(restore_type=np.ndarray)
 
 
-def _key(k):
-  for name in ('key', 'idx', 'name'):
-    if hasattr(k, name):
-      return str(getattr(k, name))
-  return str(k)
+def key_names(path) -> list:
+  """A key path as its dict keys, sequence indices and attribute names."""
+  return [next((getattr(k, a) for a in ('key', 'idx', 'name')
+                if hasattr(k, a)), k) for k in path]
+
+
+def restore_only(manager, step: int, tree, keep, restore_arg):
+  """The checkpoint of ``manager`` at ``step``, restored only at the leaves
+  of ``tree`` (its metadata, or a target) whose key names ``keep`` accepts,
+  each by ``restore_arg(leaf)``; the rest stays on disk (Orbax's
+  placeholders): what synthesis and the command read of a checkpoint."""
+  ocp = _ocp()
+  restore_args = jax.tree_util.tree_map_with_path(
+      lambda path, x: restore_arg(x) if keep(key_names(path))
+      else ocp.PLACEHOLDER, tree)
+  item = jax.tree.map(lambda a, x: a if a is ocp.PLACEHOLDER else x,
+                      restore_args, tree)
+  return manager.restore(step, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args))
 
 
 def _averages_paths(tree, path=()):
