@@ -1,9 +1,10 @@
 """Snapshots in an Orbax ``CheckpointManager``: saved beside the resume
 checkpoints and never deleted (:func:`snapshot_options`), read back one at
-a time, only what synthesis reads (:func:`orbax_snapshots`).
+a time, only what synthesis reads (:func:`orbax_snapshots`, by
+:func:`restore_only`, which the ``optax-bema`` command reads with too).
 
-orbax-checkpoint is imported here only, when one of these is called, so the
-core library does not need it.
+orbax-checkpoint is imported here only (and by the command), when one of
+these is called, so the core library does not need it.
 """
 
 from __future__ import annotations
