@@ -73,14 +73,10 @@ class CheckpointDir:
     return {k: saved[k] for k in keys}
 
   def averages(self, step: int, key: str) -> list[list]:
-    """The key paths of the averages states (``{'members', 'settings'}``)
-    in ``key`` at ``step``, from its metadata."""
-    import jax
+    """The key paths of the averages states in ``key`` at ``step``, from
+    its metadata."""
     tree = self._manager.item_metadata(step).tree.get(key, {})
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    found = [[key, *_orbax.key_names(p)[:-2]] for p, _ in leaves
-             if _orbax.key_names(p)[-2:-1] == ['settings']]
-    return [p for i, p in enumerate(found) if p not in found[:i]]
+    return [[key, *p] for p in _orbax.averages_paths(tree)]
 
   def records(self, step: int, key: str) -> dict:
     """The averages' records at ``step`` (empty if it saved none)."""

@@ -183,12 +183,6 @@ def _bema_check(schedule):
         'lag or bias_multiplier.')
 
 
-def equal(a, b) -> bool:
-  """Whether two trees of arrays hold the same values (read on the host)."""
-  return all(bool(jnp.array_equal(x, y)) for x, y
-             in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 # What shows, in each kind's state, that it has not updated since init or
 # its burn-in: every field is theta_0 there, and one update moves them
 # apart. BEMA's bias weight is 0 until its first update (and after it only
@@ -196,12 +190,12 @@ def equal(a, b) -> bool:
 # EMA leaves theta_0. EMA's one copy cannot show it, nor DEMA's two EMAs:
 # they also stay equal, at the last update's iterate, when beta_t = 1.
 def _bema_unmoved(state) -> bool:
-  return not float(state.bias_weight) and equal(state.ema,
-                                                state.initial_params)
+  return not float(state.bias_weight) and _tree.tree_equal(
+      state.ema, state.initial_params)
 
 
 def _ouema_unmoved(state) -> bool:
-  return equal(state.ema, state.initial_params)
+  return _tree.tree_equal(state.ema, state.initial_params)
 
 
 _STEPS = ('update_after', 'update_freq')

@@ -9,7 +9,7 @@ these is called, so the core library does not need it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import jax
 import numpy as np
@@ -127,7 +127,7 @@ class OrbaxSnapshots:
           f'{sorted(tree) if isinstance(tree, dict) else type(tree)}; save '
           "{'params': params, 'opt_state': opt_state} with "
           'ocp.args.StandardSave.')
-    prefixes = [('opt_state',) + p for p in _averages_paths(tree['opt_state'])]
+    prefixes = [('opt_state',) + p for p in averages_paths(tree['opt_state'])]
     if len(prefixes) != 1:
       raise ValueError(
           f'orbax_snapshots: the optimizer state at step {step} holds '
@@ -137,8 +137,8 @@ class OrbaxSnapshots:
     prefix = prefixes[0]
     restored = restore_only(
         self._reader, step, tree,
-        lambda names: names[0] == 'params' or tuple(
-            map(str, names[:len(prefix)])) == prefix,
+        lambda names: names[0] == 'params'
+        or tuple(names[:len(prefix)]) == prefix,
         lambda x: _restore_arg(ocp, x))
     return restored['opt_state'], restored['params']
 
@@ -172,11 +172,13 @@ def restore_only(manager, step: int, tree, keep, restore_arg):
       item=item, restore_args=restore_args))
 
 
-def _averages_paths(tree, path=()):
-  """Key paths (as strings) of the averages states in ``tree``."""
+def averages_paths(tree, path=()) -> list[tuple]:
+  """The key names (as :func:`key_names` gives them) of the averages states
+  in ``tree``: a target, or a checkpoint's metadata."""
   if _averages.is_averages(tree) or isinstance(tree,
                                                _averages.AveragesState):
     return [path]
+  items: Iterable[tuple[Any, Any]]
   if isinstance(tree, dict):
     items = tree.items()
   elif isinstance(tree, (list, tuple)):
@@ -184,7 +186,7 @@ def _averages_paths(tree, path=()):
              for i, x in enumerate(tree))
   else:
     return []
-  return [p for k, x in items for p in _averages_paths(x, path + (str(k),))]
+  return [p for k, x in items for p in averages_paths(x, path + (k,))]
 
 
 def orbax_snapshots(manager, *, like=None, steps=None) -> OrbaxSnapshots:

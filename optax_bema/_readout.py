@@ -95,7 +95,7 @@ def _warn_if_never_updated(state, out, params):
   if not int(state.count):
     return
   state = to_device(state)  # an offloaded state is compared on the device
-  if not unmoved(state) or _kinds.equal(out, params):
+  if not unmoved(state) or _tree.tree_equal(out, params):
     return
   skipped = int(state.nonfinite_count)
   warnings.warn(

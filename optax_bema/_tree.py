@@ -76,6 +76,12 @@ def ema_tree(beta, average, x):
   return jax.tree.map(step, average, x)
 
 
+def tree_equal(a, b) -> bool:
+  """Whether two trees of arrays hold the same values (read on the host)."""
+  return all(bool(jnp.array_equal(x, y)) for x, y
+             in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def tree_sum(tree) -> jax.Array:
   """The sum of every element of every leaf, accumulated in float32."""
   return sum((jnp.sum(x, dtype=SCALAR_DTYPE) for x in jax.tree.leaves(tree)),
