@@ -197,6 +197,80 @@ def test_finetune_smoke(tmp_path):
   assert (tmp_path / 'out' / 'finetune.png').stat().st_size > 0
 
 
+def test_finetune_parts_combine_to_the_whole_run(tmp_path):
+  """A study run seed by seed (``--first-seed``) and joined by
+  ``combine.py`` gives what one run over both seeds gives: the same
+  per-seed losses, mean curves, chosen pullback and claims."""
+  def finetune(out, *args):
+    run_benchmark('lm/finetune.py', '--smoke', '--pace-only', '--lr', '1e-3',
+                  '3e-3', '--steps', '4', '--out', str(tmp_path / out),
+                  '--cache', str(tmp_path / 'cache'), *args, cwd=tmp_path,
+                  env={'XLA_FLAGS': '--xla_backend_optimization_level=0'})
+    return str(tmp_path / out)
+  whole = finetune('whole', '--seeds', '2')
+  first = finetune('first', '--seeds', '1')
+  second = finetune('second', '--seeds', '1', '--first-seed', '1')
+  run_benchmark('lm/combine.py', second, first, '--out',
+                str(tmp_path / 'joined'), cwd=tmp_path)
+  expected, joined = (json.loads((pathlib.Path(p) / 'results.json')
+                                 .read_text())
+                      for p in (whole, tmp_path / 'joined'))
+  assert joined['config']['seeds_by_rate'] == {'0.001': [0, 1],
+                                               '0.003': [0, 1]}
+  for lr, methods in expected['learning_rate_sweep'].items():
+    assert set(joined['learning_rate_sweep'][lr]) == set(methods)
+    for name, m in methods.items():
+      got = joined['learning_rate_sweep'][lr][name]
+      for field in ('final_eval_loss_per_seed', 'steps_to_target_per_seed'):
+        assert got[field] == m[field], (lr, name, field)
+      assert got['final_eval_loss'] == pytest.approx(m['final_eval_loss'])
+  for name, m in expected['methods'].items():
+    got = joined['methods'][name]
+    assert got['final_validation_loss_per_seed'] == (
+        m['final_validation_loss_per_seed'])
+    np.testing.assert_allclose(got['curve'], m['curve'], rtol=1e-6)
+  for lr, entry in expected['pace_matched'].items():
+    assert joined['pace_matched'][lr]['chosen_pullback'] == (
+        entry['chosen_pullback'])
+    for c, row in entry['by_pullback'].items():
+      got = joined['pace_matched'][lr]['by_pullback'][c]
+      assert got['held_out_loss_per_seed'] == row['held_out_loss_per_seed']
+      for field in ('held_out_loss', 'validation_loss', 'mean_gain',
+                    'clipped_fraction'):
+        assert got[field] == pytest.approx(row[field]), (lr, c, field)
+  assert [c['verdict'] for c in joined['claims']] == [
+      c['verdict'] for c in expected['claims']]
+  # Seeds twice, or a rate without every seed, is refused.
+  proc = subprocess.run([sys.executable, str(BENCHMARKS / 'lm/combine.py'),
+                         first, whole, '--out', str(tmp_path / 'bad')],
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode != 0 and 'appear twice' in proc.stderr
+
+
+def test_combine_chooses_the_pullback_over_every_seed():
+  """The pullback is chosen on the mean validation loss over all seeds: a
+  part of one seed that prefers 0.1 and a part of two that prefer 0 give
+  (0.9 + 2 * 1.2) / 3 = 1.1 against 1.0, so 0."""
+  import combine  # pylint: disable=g-import-not-at-top
+  def entry(validation, held):
+    return dict(chosen_pullback=min(validation, key=validation.get),
+                by_pullback={c: dict(validation_loss=v,
+                                     held_out_loss=float(np.mean(held[c])),
+                                     held_out_loss_per_seed=held[c],
+                                     mean_gain=0.0, clipped_fraction=0.0)
+                             for c, v in validation.items()},
+                pullback_0_minus_ema_per_seed=[0.0] * len(held['0']))
+  one = entry({'0': 1.0, '0.1': 0.9}, {'0': [2.0], '0.1': [1.9]})
+  two = entry({'0': 1.0, '0.1': 1.2}, {'0': [2.1, 2.2], '0.1': [2.3, 2.4]})
+  assert one['chosen_pullback'] == '0.1' and two['chosen_pullback'] == '0'
+  joined = combine._join_matched([one, two], [1, 2])
+  assert joined['chosen_pullback'] == 0.0
+  assert joined['by_pullback']['0.1']['validation_loss'] == pytest.approx(1.1)
+  assert joined['by_pullback']['0.1']['held_out_loss_per_seed'] == [
+      1.9, 2.3, 2.4]
+  assert joined['pullback_0_minus_ema_per_seed'] == [0.0] * 3
+
+
 def test_low_precision_smoke(tmp_path):
   run_benchmark('cost/low_precision.py', '--smoke', '--out',
                 str(tmp_path / 'out'), '--cache', str(tmp_path / 'cache'),
@@ -291,6 +365,31 @@ def test_pace_claims_judge_the_strongest_baseline_and_the_trend():
                        2e-3: [0.985, 0.995, 1.005],   # falls back to 0.005
                        3e-3: [0.94, 0.95, 0.96]})
   assert _claim(dipping, "PACE's margin")['verdict'] == 'partly'
+
+
+def test_merge_claims_are_judged_at_every_rate():
+  """WSM's claim holds at a rate where the merge ties or beats wsd; a rate
+  where it trails wsd beyond the tolerance makes the claim partly. One rate
+  is named in the claim; several are its parts."""
+  def evidence(merge_by_lr):
+    finals = {lr: {'adamw': [1.1, 1.11, 1.12], 'adamw/wsd': [1.0, 1.01, 1.02],
+                   'ema': [1.0, 1.01, 1.02], 'merge/linear': merge,
+                   'merge/mean': merge} for lr, merge in merge_by_lr.items()}
+    steps = {lr: {k: [0] * 3 for k in v} for lr, v in finals.items()}
+    return _claims.Evidence(finals, steps, base_lr=1e-3, never=100)
+  ahead, behind = [0.99, 1.0, 1.01], [1.05, 1.06, 1.07]
+  wsm, pma = 'Merging a constant-rate', 'The plain mean'
+  one = evidence({1e-3: ahead})
+  assert _claim(one, wsm)['verdict'] == 'reproduced'
+  assert '(lr 0.001, 3 seeds, paired)' in _claim(one, wsm)['claim']
+  both = evidence({1e-3: ahead, 3e-3: behind})
+  assert _claim(both, wsm)['verdict'] == 'partly'
+  assert _claim(both, pma)['verdict'] == 'partly'
+  assert 'at each rate' in _claim(both, wsm)['claim']
+  assert 'lr 0.003: merge/linear - adamw/wsd = +0.0500' in (
+      _claim(both, wsm)['measured'])
+  assert _claim(evidence({1e-3: behind, 3e-3: behind}), pma)['verdict'] == (
+      'not reproduced')
 
 
 def test_overhead_tables_agree_with_the_readme():

@@ -179,22 +179,33 @@ def claims(ev: Evidence, baselines: Sequence[str],
 
 def _merge_claims(ev: Evidence, at: str) -> list:
   """WSM's and PMA's claims on the merges of the constant-rate run's
-  checkpoints over wsd's decay window (``merge/<shape>``, ``merge/mean``)."""
+  checkpoints over wsd's decay window (``merge/<shape>``, ``merge/mean``),
+  at every rate that ran them (each rate a part of the claim)."""
+  def parts(a, b, verdict):
+    lrs = [lr for lr in ev.lrs if ev.has(a, b, lr=lr)]
+    if lrs == [ev.base_lr]:   # one rate: named in the claim, as elsewhere
+      d = ev.loss_diff(a, b)
+      return at, [(describe(f'{a} - {b}', d), verdict(d))]
+    seeds = len(ev.finals[ev.base_lr]['adamw'])
+    return f' (at each rate, {seeds} seeds, paired)', [
+        (describe(f'lr {lr:g}: {a} - {b}', ev.loss_diff(a, b, lr)),
+         verdict(ev.loss_diff(a, b, lr))) for lr in lrs]
+
   out = []
   if ev.has('merge/linear', 'adamw/wsd'):
-    d = ev.loss_diff('merge/linear', 'adamw/wsd')
+    where, measured = parts('merge/linear', 'adamw/wsd', competitive_verdict)
     out.append(_claim(
         "Merging a constant-rate run's checkpoints over the window wsd "
         'decays in, with the weights of its linear decay, matches or beats '
         'decaying the rate (wsd) at the same final step (not worse beyond '
-        f'one sd; within {COMPETITIVE_TOLERANCE} nats/byte: partly)' + at,
-        WSM_PAPER, [(describe('merge/linear - adamw/wsd', d),
-                     competitive_verdict(d))]))
+        f'one sd; within {COMPETITIVE_TOLERANCE} nats/byte: partly)' + where,
+        WSM_PAPER, measured))
   if ev.has('merge/mean', 'ema'):
+    where, measured = parts('merge/mean', 'ema',
+                            lambda d: sign_verdict(d, -1))
     out.append(_claim(
         'The plain mean of the last checkpoints beats the EMA of the same '
-        'constant-rate run' + at, PMA_PAPER,
-        [_versus(ev, 'merge/mean', 'ema', -1)]))
+        'constant-rate run' + where, PMA_PAPER, measured))
   return out
 
 

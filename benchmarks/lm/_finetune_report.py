@@ -141,6 +141,10 @@ def _paces(sweep: Mapping) -> list[str]:
 
 def _curves_panel(ax, methods, names, title):
   curves = {k: methods[k]['curve'] for k in names if k in methods}
+  if not curves:   # a partial run (--merge-only, --pace-only)
+    ax.set_title(title)
+    ax.text(0.5, 0.5, 'not in this run', ha='center', transform=ax.transAxes)
+    return
   _common.plot_curves(ax, curves, title=title, ylabel=_YLABEL)
   # The first points (the pretrained model on new text) dwarf the rest.
   tail = ([v for c in curves.values() for _, v in c[2:]]
@@ -157,8 +161,9 @@ def _learning_rate_panel(ax, sweep, names, baselines, title):
     ax.plot(lrs, means, style, marker='o', ms=3, label=name,
             lw=2.2 if name in _paces(sweep) else 1.0)
   paces = _paces(sweep)
-  margins = _claims.pace_margins(_finals(sweep), baselines, paces[0])
-  for lr, key in zip(lrs, sweep):
+  margins = (_claims.pace_margins(_finals(sweep), baselines, paces[0])
+             if paces else {})
+  for lr, key in zip(lrs, sweep if paces else ()):
     strongest = min(sweep[key][b]['final_eval_loss'] for b in baselines)
     pace = sweep[key][paces[0]]['final_eval_loss']
     ax.annotate('', xy=(lr, pace), xytext=(lr, strongest),
@@ -321,7 +326,10 @@ def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
                 f'pace/matched pullback sweep and the ema baseline, lr {lr:g}')
   _merges_panel(axes[3, 0], methods, 'constant-rate run merged vs decayed '
                 f'vs averaged, lr {lr:g}')
-  _merge_schedules_panel(axes[3, 1], results['config']['merges'],
-                         results['config']['steps'])
+  if 'merges' in results['config']:
+    _merge_schedules_panel(axes[3, 1], results['config']['merges'],
+                           results['config']['steps'])
+  else:   # a run from before the merges
+    axes[3, 1].axis('off')
   axes[3, 2].axis('off')
   return _common.save_figure(fig, out_dir, 'finetune.png')

@@ -181,10 +181,11 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
     out.append(Run(name, optax.chain(clip, optax_bema.pace(
         rate(schedule), weight_decay=WEIGHT_DECAY, **settings)),
                    optax_bema.averaged_params, telemetry=_pace_telemetry))
-  out.append(Run('schedule_free', optax.chain(
-      clip, optax.contrib.schedule_free_adamw(
-          rate('constant'), weight_decay=WEIGHT_DECAY)),
-                 _schedule_free_params))
+  if config.get('schedule_free', True):
+    out.append(Run('schedule_free', optax.chain(
+        clip, optax.contrib.schedule_free_adamw(
+            rate('constant'), weight_decay=WEIGHT_DECAY)),
+                   _schedule_free_params))
   if base:
     # adaptive_ademamix clips inside (its clip_norm), before measuring noise.
     out.append(Run('adaptive_ademamix', optax_bema.adaptive_ademamix(
@@ -225,12 +226,20 @@ def setup(argv, description: str,
   parser.add_argument('--text', help='fine-tune on this text file instead of '
                       'pydoc_data.topics (its last 10%% is held out)')
   parser.add_argument('--seeds', type=int, help='seeds (override)')
+  parser.add_argument('--first-seed', type=int, default=0, help='the first '
+                      'seed\'s index: --first-seed 2 --seeds 1 runs the third '
+                      'seed alone, to be combined with a run of the first two '
+                      '(combine.py)')
   parser.add_argument('--steps', type=int, help='fine-tuning steps (override)')
   parser.add_argument('--lr', type=float, nargs='+', help='peak learning '
                       'rates instead of the configuration\'s (override)')
   parser.add_argument('--pace-only', action='store_true', help='only the '
                       'runs that PACE\'s claims need: no update_freq sweep, '
                       'AdEMAMix, pace/wsd or headline pullback sweep')
+  parser.add_argument('--merge-only', action='store_true', help='only the '
+                      'runs that the merge claims need: AdamW at each '
+                      'schedule, with its averages and the merges of its '
+                      'constant-rate checkpoints')
   parser.add_argument('--cache', default=os.path.join(
       os.path.expanduser('~'), '.cache', 'optax_bema'),
                       help='where the pretrained checkpoint is cached')
@@ -242,11 +251,17 @@ def setup(argv, description: str,
   config = dict(CONFIGS[mode])
   config['seeds'] = args.seeds or config['seeds']
   config['steps'] = args.steps or config['steps']
+  config['first_seed'] = args.first_seed
   if args.lr:
     config['learning_rates'] = tuple(args.lr)
+  if args.pace_only and args.merge_only:
+    parser.error('--pace-only and --merge-only exclude each other')
   if args.pace_only:
     config.update(update_freqs=(), pullbacks=(), pace_schedules=('constant',),
                   extras=False)
+  if args.merge_only:
+    config.update(update_freqs=(), pullbacks=(), pace_schedules=(),
+                  matched_pullbacks=(), extras=False, schedule_free=False)
   rates = config['learning_rates']
   # The base rate carries the sweeps and AdEMAMix: the papers' 1e-3 when run.
   config['base_lr'] = LEARNING_RATE if LEARNING_RATE in rates else rates[0]

@@ -204,7 +204,8 @@ def study(config, params, model, eval_set, validation, seed_batches,
         train = trainer(run, model, eval_set, validation,
                         config['eval_every'])
         for seed, batches in enumerate(seed_batches):
-          bar.set_postfix(lr=lr, method=run.name, seed=seed, refresh=False)
+          bar.set_postfix(lr=lr, method=run.name,
+                          seed=config['first_seed'] + seed, refresh=False)
           curves, telemetry_at_end, losses = train(params, batches, bar)
           per_seed[seed].update(curves)
           validated[seed].update(losses)
@@ -229,6 +230,44 @@ def matched_profiles(steps: int) -> dict:
               lag_matched=float(steps - s @ matched))
 
 
+def judge(by_lr: dict, base_lr: float, never: int) -> list[dict]:
+  """The claims' verdicts from ``by_lr[lr][method]``'s per-seed final
+  losses and steps to target; PACE's decided by ``pace/matched``."""
+  evidence = _claims.Evidence(
+      {lr: {k: m['final_eval_loss_per_seed'] for k, m in ms.items()}
+       for lr, ms in by_lr.items()},
+      {lr: {k: m['steps_to_target_per_seed'] for k, m in ms.items()}
+       for lr, ms in by_lr.items()}, base_lr, never)
+  return _claims.claims(evidence, BASELINES, paces=(
+      (_runs.MATCHED, 'pace/matched: the ema baseline\'s average, pullback '
+                      'chosen on validation at each rate'),
+      ('pace', 'headline pace: pullback 0.15, ema_power 0.2, every step')))
+
+
+def report(results: dict, never: int) -> str:
+  """What a run prints: the base rate's table, the sweep over rates,
+  telemetry, pace/matched and the claims."""
+  methods, config = results['methods'], results['config']
+  lines = [f'pretrained model, held-out stdlib loss '
+           f'{config["pretrain"]["held_out_loss"]:.4f}; {config["steps"]} '
+           f'fine-tuning steps, {config["seeds"]} seed(s), lr '
+           f'{config["learning_rate"]:g}',
+           _finetune_report.table(methods, never)]
+  if len(results['learning_rate_sweep']) > 1:
+    lines.append('\n' + _finetune_report.sweep_table(
+        results['learning_rate_sweep'], SWEPT_METHODS, BASELINES))
+  for name, m in methods.items():
+    if 'telemetry_at_end' in m:
+      lines.append(f'{name} at the last step: ' + ', '.join(
+          f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
+  if results['pace_matched']:
+    lines.append('\n' + _finetune_report.matched_table(
+        results['pace_matched'], results['matched_profiles']))
+  lines.append('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
+               + _claims.table(results['claims']))
+  return '\n'.join(lines)
+
+
 def main(argv=None):
   started = time.time()
   args, setup = _runs.setup(argv, __doc__.splitlines()[0])
@@ -246,7 +285,8 @@ def main(argv=None):
   train_bytes, validation = _runs.validation_split(
       setup.train_bytes, config['eval_windows'], context)
   seed_batches = []
-  for seed in range(config['seeds']):
+  first = config['first_seed']
+  for seed in range(first, first + config['seeds']):
     rng = np.random.default_rng(1000 + seed)
     seed_batches.append([
         _lm.sample_batch(rng, train_bytes, config['batch'], context)
@@ -257,15 +297,7 @@ def main(argv=None):
   base_lr = config['base_lr']
   methods = by_lr[base_lr]
   never = config['steps'] + config['eval_every']
-  evidence = _claims.Evidence(
-      {lr: {k: m['final_eval_loss_per_seed'] for k, m in ms.items()}
-       for lr, ms in by_lr.items()},
-      {lr: {k: m['steps_to_target_per_seed'] for k, m in ms.items()}
-       for lr, ms in by_lr.items()}, base_lr, never)
-  claims = _claims.claims(evidence, BASELINES, paces=(
-      (_runs.MATCHED, 'pace/matched: the ema baseline\'s average, pullback '
-                      'chosen on validation at each rate'),
-      ('pace', 'headline pace: pullback 0.15, ema_power 0.2, every step')))
+  claims = judge(by_lr, base_lr, never)
   wall = time.time() - started
   results = dict(
       methods=methods,
@@ -284,6 +316,7 @@ def main(argv=None):
           finetune_corpus=corpus_name, steps=config['steps'],
           batch=config['batch'], eval_every=config['eval_every'],
           eval_windows=len(eval_set), seeds=config['seeds'],
+          first_seed=config['first_seed'],
           learning_rate=base_lr, learning_rates=list(rates),
           schedules=dict(names=list(_schedules.SCHEDULES),
                          warmup_steps=_schedules.warmup_steps(config['steps']),
@@ -305,27 +338,13 @@ def main(argv=None):
                           'each shape, uniform_profile(steps, T) for the '
                           'mean; optax_bema.replay on the adamw run\'s '
                           'params at those steps'),
-          pace_only=args.pace_only,
+          pace_only=args.pace_only, merge_only=args.merge_only,
           ademamix_alpha=_runs.ADEMAMIX_ALPHA, machine=_common.machine_line(),
           wall_seconds=round(wall, 1)))
   path = _common.write_results(args.out, results)
   _finetune_report.plot(results, args.out, f'{corpus_name}, {mode}',
                         SWEPT_METHODS, BASELINES)
-  print(f'\npretrained model, held-out stdlib loss {pretrained_loss:.4f}; '
-        f'{config["steps"]} fine-tuning steps, {config["seeds"]} seed(s), '
-        f'lr {base_lr:g}')
-  print(_finetune_report.table(methods, never))
-  if len(rates) > 1:
-    print('\n' + _finetune_report.sweep_table(results['learning_rate_sweep'],
-                                              SWEPT_METHODS, BASELINES))
-  for name, m in methods.items():
-    if 'telemetry_at_end' in m:
-      print(f'{name} at the last step: ' + ', '.join(
-          f'{k} {v:.4g}' for k, v in m['telemetry_at_end'].items()))
-  print('\n' + _finetune_report.matched_table(results['pace_matched'],
-                                               results['matched_profiles']))
-  print('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
-        + _claims.table(claims))
+  print('\n' + report(results, never))
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 
 

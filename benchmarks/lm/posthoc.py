@@ -441,7 +441,8 @@ def study(mode: str, config: Mapping, model, params, optimizer, train_bytes,
   held = _lm.eval_windows(held_out, config['eval_windows'], context)
   per_seed = []
   with tqdm.tqdm(total=config['seeds'] * config['steps'], desc=desc) as bar:
-    for seed in range(config['seeds']):
+    first = config['first_seed']
+    for seed in range(first, first + config['seeds']):
       # The main comparison's batch stream, from a text without the
       # validation windows.
       rng = np.random.default_rng(1000 + seed)

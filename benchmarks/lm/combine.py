@@ -1,0 +1,200 @@
+"""Combines runs of ``finetune.py`` that split the seeds or the rates.
+
+A full study takes hours on a small machine, so it may run in parts: say
+``--seeds 2`` at two rates, then ``--first-seed 2 --seeds 1`` for the third
+seed. Every comparison is paired by seed, so the parts join seed by seed:
+each method's per-seed lists are concatenated in seed order, its curve is
+the mean over all seeds, and what depends on every seed is decided again
+from the joined numbers: ``pace/matched``'s pullback (the lowest mean
+validation loss over all seeds) and every claim's verdict.
+
+The parts must share their configuration except the seeds, the rates, the
+machine and the wall time (a setting only some parts record is one the
+others' code did not yet write); every rate must end with the same seeds, none
+of them twice.
+
+  python benchmarks/lm/combine.py PART_DIR [PART_DIR ...] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import _common
+import _finetune_report
+import _runs
+import finetune
+
+# What may differ between the parts of one study.
+_PER_PART = ('seeds', 'first_seed', 'learning_rate', 'learning_rates',
+             'machine', 'wall_seconds')
+# The pretrained model is the same one, evaluated on another machine.
+_LOSS_TOLERANCE = 1e-5
+
+
+def _load(path: str) -> dict:
+  with open(os.path.join(path, 'results.json')) as f:
+    results = json.load(f)
+  config = results['config']
+  first = config.get('first_seed', 0)
+  results['seed_ids'] = list(range(first, first + config['seeds']))
+  return results
+
+
+def _check_same(parts: list[dict], paths: list[str]) -> None:
+  def shared(config):
+    out = {k: v for k, v in config.items() if k not in _PER_PART}
+    out['pretrain'] = {k: v for k, v in config['pretrain'].items()
+                       if k != 'held_out_loss'}
+    return out
+  first = shared(parts[0]['config'])
+  loss = parts[0]['config']['pretrain']['held_out_loss']
+  for part, path in zip(parts[1:], paths[1:]):
+    other = shared(part['config'])
+    # A key only one part has was added to the results after the other ran.
+    for key in sorted(set(first) & set(other)):
+      if first.get(key) != other.get(key):
+        raise SystemExit(f'{path} differs from {paths[0]} in {key}: '
+                         f'{other.get(key)!r} vs {first.get(key)!r}')
+    if abs(part['config']['pretrain']['held_out_loss'] - loss) > (
+        _LOSS_TOLERANCE):
+      raise SystemExit(f'{path} starts from another pretrained model')
+
+
+def _weighted(values, counts) -> float:
+  return float(np.average(values, weights=counts))
+
+
+def _join_rows(rows: list[dict], counts: list[int]) -> dict:
+  """One method at one rate, from the parts' rows in seed order."""
+  out = {}
+  for field in ('final_eval_loss_per_seed', 'steps_to_target_per_seed',
+                'final_validation_loss_per_seed'):
+    if all(field in r for r in rows):
+      out[field] = [v for r in rows for v in r[field]]
+  finals = np.array(out['final_eval_loss_per_seed'])
+  out.update(final_eval_loss=float(finals.mean()),
+             final_eval_loss_std=float(finals.std()))
+  if all('curve' in r for r in rows):
+    curves = np.array([r['curve'] for r in rows])   # part, point, 2
+    out['curve'] = [[int(s), float(v)] for s, v in zip(
+        curves[0, :, 0], np.average(curves[:, :, 1], 0, weights=counts))]
+  if all('telemetry_at_end' in r for r in rows):
+    out['telemetry_at_end'] = {
+        k: _weighted([r['telemetry_at_end'][k] for r in rows], counts)
+        for k in rows[0]['telemetry_at_end']}
+  return out
+
+
+def _join_matched(entries: list[dict], counts: list[int]) -> dict:
+  """``pace_matched`` at one rate: each pullback's losses joined, and the
+  pullback chosen again on the mean validation loss over every seed."""
+  rows = {}
+  for c in entries[0]['by_pullback']:
+    parts = [e['by_pullback'][c] for e in entries]
+    held = [v for p in parts for v in p['held_out_loss_per_seed']]
+    rows[c] = dict(held_out_loss=float(np.mean(held)),
+                   held_out_loss_per_seed=held)
+    for k in parts[0]:
+      if k not in rows[c]:
+        rows[c][k] = _weighted([p[k] for p in parts], counts)
+  chosen = min(rows, key=lambda c: rows[c]['validation_loss'])
+  out = dict(chosen_pullback=float(chosen), by_pullback=rows)
+  for key in entries[0]:
+    if key.endswith('_per_seed'):
+      out[key] = [v for e in entries for v in e[key]]
+  return out
+
+
+def combine(paths: list[str]) -> dict:
+  """The joined results, in ``finetune.py``'s format."""
+  parts = [_load(p) for p in paths]
+  _check_same(parts, paths)
+  rates = sorted({float(lr) for p in parts for lr in p['learning_rate_sweep']})
+  base = _runs.LEARNING_RATE if _runs.LEARNING_RATE in rates else rates[0]
+  sweep, matched, seeds_by_rate = {}, {}, {}
+  for lr in rates:
+    key = f'{lr:g}'
+    at = sorted((p for p in parts if key in p['learning_rate_sweep']),
+                key=lambda p: p['seed_ids'][0])
+    ids = [i for p in at for i in p['seed_ids']]
+    if len(set(ids)) != len(ids):
+      raise SystemExit(f'lr {key}: seeds {ids} appear twice')
+    seeds_by_rate[key] = ids
+    if sorted(ids) != sorted(next(iter(seeds_by_rate.values()))):
+      raise SystemExit(f'lr {key} has seeds {ids}, another rate '
+                       f'{next(iter(seeds_by_rate.values()))}: every claim '
+                       'pairs the rates seed by seed')
+    counts = [len(p['seed_ids']) for p in at]
+    names = [n for n in at[0]['learning_rate_sweep'][key]
+             if all(n in p['learning_rate_sweep'][key] for p in at)]
+    sweep[key] = {n: _join_rows([p['learning_rate_sweep'][key][n] for p in at],
+                                counts) for n in names}
+    if all(key in p.get('pace_matched', {}) for p in at):
+      matched[key] = _join_matched([p['pace_matched'][key] for p in at],
+                                   counts)
+      chosen = f'{_runs.MATCHED}/pullback={matched[key]["chosen_pullback"]:g}'
+      sweep[key][_runs.MATCHED] = dict(sweep[key][chosen])
+    if lr == base:
+      if any(p['config']['learning_rate'] != lr for p in at):
+        raise SystemExit(f'lr {key} is the base rate, but a part ran it '
+                         'beside another base rate: its details are missing')
+      methods = {n: _join_rows([p['methods'][n] for p in at], counts)
+                 for n in names if all(n in p['methods'] for p in at)}
+      if key in matched:
+        chosen = matched[key]['chosen_pullback']
+        methods[_runs.MATCHED] = dict(
+            methods[f'{_runs.MATCHED}/pullback={chosen:g}'],
+            chosen_pullback=chosen)
+  config = {}
+  for part in reversed(parts):   # the union, the first part's values first
+    config.update(part['config'])
+  config.update(parts[0]['config'])
+  never = config['steps'] + config['eval_every']
+  by_lr = {float(k): v for k, v in sweep.items()}
+  fields = ('final_eval_loss', 'final_eval_loss_std',
+            'final_eval_loss_per_seed', 'steps_to_target_per_seed')
+  config.update(
+      seeds=len(seeds_by_rate[f'{base:g}']), first_seed=0,
+      seeds_by_rate=seeds_by_rate, learning_rate=base,
+      learning_rates=rates,
+      machine='; '.join(dict.fromkeys(p['config']['machine'] for p in parts)),
+      wall_seconds=round(sum(p['config']['wall_seconds'] for p in parts), 1),
+      parts=[os.path.normpath(p) for p in paths])
+  return dict(
+      methods=methods,
+      learning_rate_sweep={k: {n: {f: m[f] for f in fields}
+                               for n, m in ms.items()}
+                           for k, ms in sweep.items()},
+      claims=finetune.judge(by_lr, base, never),
+      pace_matched=matched,
+      matched_profiles=parts[0].get('matched_profiles',
+                                    finetune.matched_profiles(
+                                        config['steps'])),
+      config=config)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('parts', nargs='+', help='the parts\' output folders')
+  parser.add_argument('--out', required=True, help='where to write')
+  args = parser.parse_args(argv)
+  results = combine(args.parts)
+  config = results['config']
+  path = _common.write_results(args.out, results)
+  _finetune_report.plot(results, args.out,
+                        f'{config["finetune_corpus"]}, {config["mode"]}',
+                        finetune.SWEPT_METHODS, finetune.BASELINES)
+  print(finetune.report(results, config['steps'] + config['eval_every']))
+  print(f'wrote {path}: seeds by rate {config["seeds_by_rate"]}')
+
+
+if __name__ == '__main__':
+  main()
