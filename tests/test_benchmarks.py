@@ -238,19 +238,63 @@ def test_finetune_parts_combine_to_the_whole_run(tmp_path):
       for field in ('held_out_loss', 'validation_loss', 'mean_gain',
                     'clipped_fraction'):
         assert got[field] == pytest.approx(row[field]), (lr, c, field)
-  assert [c['verdict'] for c in joined['claims']] == [
-      c['verdict'] for c in expected['claims']]
-  # Seeds twice, or a rate without every seed, is refused.
+  assert joined['claims'] == expected['claims']
   proc = subprocess.run([sys.executable, str(BENCHMARKS / 'lm/combine.py'),
                          first, whole, '--out', str(tmp_path / 'bad')],
                         capture_output=True, text=True, check=False)
-  assert proc.returncode != 0 and 'appear twice' in proc.stderr
+  assert proc.returncode == 2 and 'appear twice' in proc.stderr
+
+
+def _part(folder, first, seeds, rates, **settings):
+  """A results.json as finetune.py writes it, AdamW's rows only, its
+  losses 1 + seed / 100."""
+  row = {'final_eval_loss_per_seed': [1 + s / 100 for s in
+                                      range(first, first + seeds)],
+         'steps_to_target_per_seed': [10] * seeds, 'final_eval_loss': 1.0,
+         'final_eval_loss_std': 0.0}
+  config = {**dict(seeds=seeds, first_seed=first, learning_rate=1e-3,
+                   learning_rates=list(rates), machine='m', wall_seconds=1.0,
+                   pretrain={'held_out_loss': 1.5}, steps=10, eval_every=5),
+            **settings}
+  results = dict(
+      config=config, methods={'adamw': dict(
+          row, final_validation_loss_per_seed=[1.0] * seeds,
+          curve=[[0, 2.0], [10, 1.0]])},
+      learning_rate_sweep={f'{lr:g}': {'adamw': row} for lr in rates},
+      matched_profiles={'steps': 10})
+  folder.mkdir()
+  (folder / 'results.json').write_text(json.dumps(results))
+  return str(folder)
+
+
+def test_combine_refuses_parts_that_do_not_pair(tmp_path):
+  """A rate without every seed, a seed twice (also through a joined
+  result, whose seeds are its own) or a setting that differs is refused."""
+  import combine  # pylint: disable=g-import-not-at-top
+  def refused(match, *parts):
+    with pytest.raises(ValueError, match=match):
+      combine.combine(list(parts))
+  tmp = tmp_path
+  both = _part(tmp / 'both', 0, 2, [1e-3, 3e-3])
+  third = _part(tmp / 'third', 2, 1, [1e-3, 3e-3])
+  refused('another rate', both, _part(tmp / 'one_rate', 2, 1, [1e-3]))
+  refused('differs .* in steps', both,
+          _part(tmp / 'longer', 2, 1, [1e-3, 3e-3], steps=20))
+  # Seeds 0 and 2, in seed order: the joined result says so, not 0 and 1.
+  joined = combine.combine([third, _part(tmp / 'first', 0, 1,
+                                         [1e-3, 3e-3])])
+  assert joined['config']['seeds_by_rate']['0.001'] == [0, 2]
+  assert joined['learning_rate_sweep']['0.001']['adamw'][
+      'final_eval_loss_per_seed'] == [1.0, 1.02]
+  (tmp / 'joined').mkdir()
+  (tmp / 'joined' / 'results.json').write_text(json.dumps(joined))
+  refused('appear twice', str(tmp / 'joined'), third)
 
 
 def test_combine_chooses_the_pullback_over_every_seed():
   """The pullback is chosen on the mean validation loss over all seeds: a
   part of one seed that prefers 0.1 and a part of two that prefer 0 give
-  (0.9 + 2 * 1.2) / 3 = 1.1 against 1.0, so 0."""
+  (0.8 + 2 * 1.15) / 3 = 1.033 against 1.0, so 0."""
   import combine  # pylint: disable=g-import-not-at-top
   def entry(validation, held):
     return dict(chosen_pullback=min(validation, key=validation.get),
@@ -260,12 +304,14 @@ def test_combine_chooses_the_pullback_over_every_seed():
                                      mean_gain=0.0, clipped_fraction=0.0)
                              for c, v in validation.items()},
                 pullback_0_minus_ema_per_seed=[0.0] * len(held['0']))
-  one = entry({'0': 1.0, '0.1': 0.9}, {'0': [2.0], '0.1': [1.9]})
-  two = entry({'0': 1.0, '0.1': 1.2}, {'0': [2.1, 2.2], '0.1': [2.3, 2.4]})
+  one = entry({'0': 1.0, '0.1': 0.8}, {'0': [2.0], '0.1': [1.9]})
+  two = entry({'0': 1.0, '0.1': 1.15}, {'0': [2.1, 2.2], '0.1': [2.3, 2.4]})
   assert one['chosen_pullback'] == '0.1' and two['chosen_pullback'] == '0'
+  # Unweighted, the parts' means would give (0.8 + 1.15) / 2 < 1 and 0.1.
   joined = combine._join_matched([one, two], [1, 2])
   assert joined['chosen_pullback'] == 0.0
-  assert joined['by_pullback']['0.1']['validation_loss'] == pytest.approx(1.1)
+  assert joined['by_pullback']['0.1']['validation_loss'] == pytest.approx(
+      (0.8 + 2 * 1.15) / 3)
   assert joined['by_pullback']['0.1']['held_out_loss_per_seed'] == [
       1.9, 2.3, 2.4]
   assert joined['pullback_0_minus_ema_per_seed'] == [0.0] * 3

@@ -121,7 +121,7 @@ def sweep_table(sweep: Mapping, names: Sequence[str],
   each PACE's paired margin over the strongest baseline."""
   lrs = list(sweep)
   lines = [f'{"method":16s}' + ''.join(f'{"lr " + lr:>20s}' for lr in lrs)]
-  for name in (n for n in names if n in sweep[lrs[0]]):
+  for name in _at_every_rate(sweep, names):
     lines.append(f'{name:16s}' + ''.join(
         f'{_pm(sweep[lr][name]["final_eval_loss_per_seed"]):>20s}'
         for lr in lrs))
@@ -129,14 +129,18 @@ def sweep_table(sweep: Mapping, names: Sequence[str],
     margins = _claims.pace_margins(_finals(sweep), baselines, pace)
     lines.append(f'{pace + " margin":16s}' + ''.join(
         f'{_pm(margins[lr]):>20s}' for lr in lrs))
-  lines.append('(margin: per seed, the strongest of '
-               f'{", ".join(baselines)} minus that PACE; > 0: PACE ahead)')
+  if _paces(sweep):
+    lines.append('(margin: per seed, the strongest of '
+                 f'{", ".join(baselines)} minus that PACE; > 0: PACE ahead)')
   return '\n'.join(lines)
 
 
+def _at_every_rate(sweep: Mapping, names: Sequence[str]) -> list[str]:
+  return [n for n in names if all(n in ms for ms in sweep.values())]
+
+
 def _paces(sweep: Mapping) -> list[str]:
-  return [p for p in ('pace/matched', 'pace')
-          if all(p in ms for ms in sweep.values())]
+  return _at_every_rate(sweep, ('pace/matched', 'pace'))
 
 
 def _curves_panel(ax, methods, names, title):
@@ -154,7 +158,7 @@ def _curves_panel(ax, methods, names, title):
 
 def _learning_rate_panel(ax, sweep, names, baselines, title):
   lrs = [float(lr) for lr in sweep]
-  for name in (n for n in names if n in next(iter(sweep.values()))):
+  for name in _at_every_rate(sweep, names):
     means = [sweep[lr][name]['final_eval_loss'] for lr in sweep]
     style = '-' if name.startswith('pace') else (
         ':' if name == 'schedule_free' else '--')
@@ -212,6 +216,12 @@ def _matched_panels(loss_ax, telemetry_ax, summary, methods):
   (solid) and
   validation (dotted) loss, the chosen c ringed, and the paper's telemetry
   at the last step, clipped fraction (solid) and mean gain (dashed)."""
+  if not summary:   # a partial run (--merge-only)
+    for ax in (loss_ax, telemetry_ax):
+      ax.axis('off')
+      ax.text(0.5, 0.5, 'pace/matched: not in this run', ha='center',
+              transform=ax.transAxes)
+    return
   for i, (lr, entry) in enumerate(summary.items()):
     cs = sorted(entry['by_pullback'], key=float)
     xs = [x for x, _ in _pullback_ticks(entry)]

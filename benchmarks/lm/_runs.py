@@ -63,6 +63,8 @@ _MODEL = _lm.ModelConfig(width=128, layers=2, heads=4, context=64)
 _PRETRAIN = dict(corpus_bytes=2_000_000, steps=600, batch=32,
                  learning_rate=3e-3)
 _PACE_BOTH = ('constant', 'wsd')
+# What a command line may switch off or shift, the same in every mode.
+_RUN_DEFAULTS = dict(first_seed=0, extras=True, schedule_free=True)
 CONFIGS = {
     'full': dict(model=_MODEL, pretrain=_PRETRAIN, steps=1000, batch=8,
                  eval_every=50, eval_windows=128, seeds=3,
@@ -101,6 +103,12 @@ class Run:
   averaged: tuple[str, ...] = ()
   telemetry: Optional[Callable[[Any], dict]] = None
   merges: dict = dataclasses.field(default_factory=dict)
+
+
+def base_rate(rates) -> float:
+  """The rate that carries the sweeps, AdEMAMix and the one-rate claims:
+  the papers' 1e-3 when run, else the lowest."""
+  return LEARNING_RATE if LEARNING_RATE in rates else min(rates)
 
 
 def merge_steps(steps: int) -> list[int]:
@@ -181,7 +189,7 @@ def runs(config, learning_rate: float, base: bool) -> list[Run]:
     out.append(Run(name, optax.chain(clip, optax_bema.pace(
         rate(schedule), weight_decay=WEIGHT_DECAY, **settings)),
                    optax_bema.averaged_params, telemetry=_pace_telemetry))
-  if config.get('schedule_free', True):
+  if config['schedule_free']:
     out.append(Run('schedule_free', optax.chain(
         clip, optax.contrib.schedule_free_adamw(
             rate('constant'), weight_decay=WEIGHT_DECAY)),
@@ -248,9 +256,11 @@ def setup(argv, description: str,
                       '(posthoc.py); writes OUT/posthoc.json')
   args = parser.parse_args(argv)
   mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
-  config = dict(CONFIGS[mode])
+  config = dict(_RUN_DEFAULTS, **CONFIGS[mode])
   config['seeds'] = args.seeds or config['seeds']
   config['steps'] = args.steps or config['steps']
+  if args.first_seed < 0:
+    parser.error('--first-seed must be 0 or more')
   config['first_seed'] = args.first_seed
   if args.lr:
     config['learning_rates'] = tuple(args.lr)
@@ -262,9 +272,7 @@ def setup(argv, description: str,
   if args.merge_only:
     config.update(update_freqs=(), pullbacks=(), pace_schedules=(),
                   matched_pullbacks=(), extras=False, schedule_free=False)
-  rates = config['learning_rates']
-  # The base rate carries the sweeps and AdEMAMix: the papers' 1e-3 when run.
-  config['base_lr'] = LEARNING_RATE if LEARNING_RATE in rates else rates[0]
+  config['base_lr'] = base_rate(config['learning_rates'])
 
   model = _lm.Transformer(config['model'])
   params, pretrained_loss = _lm.pretrained(model, cache_dir=args.cache,

@@ -43,29 +43,34 @@ def _load(path: str) -> dict:
   with open(os.path.join(path, 'results.json')) as f:
     results = json.load(f)
   config = results['config']
-  first = config.get('first_seed', 0)
-  results['seed_ids'] = list(range(first, first + config['seeds']))
+  if 'seeds_by_rate' in config:   # a joined result: its seeds may have gaps
+    results['seed_ids'] = next(iter(config['seeds_by_rate'].values()))
+  else:
+    first = config.get('first_seed', 0)
+    results['seed_ids'] = list(range(first, first + config['seeds']))
   return results
 
 
 def _check_same(parts: list[dict], paths: list[str]) -> None:
+  """Each setting equal in every part that records it (a setting only some
+  parts record was added to the results after the others ran)."""
   def shared(config):
     out = {k: v for k, v in config.items() if k not in _PER_PART}
     out['pretrain'] = {k: v for k, v in config['pretrain'].items()
                        if k != 'held_out_loss'}
     return out
-  first = shared(parts[0]['config'])
+  configs = [shared(p['config']) for p in parts]
+  for key in sorted({k for c in configs for k in c}):
+    having = [(c[key], path) for c, path in zip(configs, paths) if key in c]
+    for value, path in having[1:]:
+      if value != having[0][0]:
+        raise ValueError(f'{path} differs from {having[0][1]} in {key}: '
+                         f'{value!r} vs {having[0][0]!r}')
   loss = parts[0]['config']['pretrain']['held_out_loss']
   for part, path in zip(parts[1:], paths[1:]):
-    other = shared(part['config'])
-    # A key only one part has was added to the results after the other ran.
-    for key in sorted(set(first) & set(other)):
-      if first.get(key) != other.get(key):
-        raise SystemExit(f'{path} differs from {paths[0]} in {key}: '
-                         f'{other.get(key)!r} vs {first.get(key)!r}')
     if abs(part['config']['pretrain']['held_out_loss'] - loss) > (
         _LOSS_TOLERANCE):
-      raise SystemExit(f'{path} starts from another pretrained model')
+      raise ValueError(f'{path} starts from another pretrained model')
 
 
 def _weighted(values, counts) -> float:
@@ -105,8 +110,9 @@ def _join_matched(entries: list[dict], counts: list[int]) -> dict:
     for k in parts[0]:
       if k not in rows[c]:
         rows[c][k] = _weighted([p[k] for p in parts], counts)
-  chosen = min(rows, key=lambda c: rows[c]['validation_loss'])
-  out = dict(chosen_pullback=float(chosen), by_pullback=rows)
+  chosen = finetune.lowest(
+      {float(c): row['validation_loss'] for c, row in rows.items()})
+  out = dict(chosen_pullback=chosen, by_pullback=rows)
   for key in entries[0]:
     if key.endswith('_per_seed'):
       out[key] = [v for e in entries for v in e[key]]
@@ -118,7 +124,7 @@ def combine(paths: list[str]) -> dict:
   parts = [_load(p) for p in paths]
   _check_same(parts, paths)
   rates = sorted({float(lr) for p in parts for lr in p['learning_rate_sweep']})
-  base = _runs.LEARNING_RATE if _runs.LEARNING_RATE in rates else rates[0]
+  base = _runs.base_rate(rates)
   sweep, matched, seeds_by_rate = {}, {}, {}
   for lr in rates:
     key = f'{lr:g}'
@@ -126,10 +132,10 @@ def combine(paths: list[str]) -> dict:
                 key=lambda p: p['seed_ids'][0])
     ids = [i for p in at for i in p['seed_ids']]
     if len(set(ids)) != len(ids):
-      raise SystemExit(f'lr {key}: seeds {ids} appear twice')
+      raise ValueError(f'lr {key}: seeds {ids} appear twice')
     seeds_by_rate[key] = ids
     if sorted(ids) != sorted(next(iter(seeds_by_rate.values()))):
-      raise SystemExit(f'lr {key} has seeds {ids}, another rate '
+      raise ValueError(f'lr {key} has seeds {ids}, another rate '
                        f'{next(iter(seeds_by_rate.values()))}: every claim '
                        'pairs the rates seed by seed')
     counts = [len(p['seed_ids']) for p in at]
@@ -137,14 +143,19 @@ def combine(paths: list[str]) -> dict:
              if all(n in p['learning_rate_sweep'][key] for p in at)]
     sweep[key] = {n: _join_rows([p['learning_rate_sweep'][key][n] for p in at],
                                 counts) for n in names}
-    if all(key in p.get('pace_matched', {}) for p in at):
+    summaries = [key in p.get('pace_matched', {}) for p in at]
+    if _runs.MATCHED in names and not all(summaries):
+      raise ValueError(f'lr {key}: a part has no pace_matched summary, so '
+                       f'{_runs.MATCHED}\'s pullback cannot be chosen again '
+                       'on every seed')
+    if all(summaries) and _runs.MATCHED in names:
       matched[key] = _join_matched([p['pace_matched'][key] for p in at],
                                    counts)
       chosen = f'{_runs.MATCHED}/pullback={matched[key]["chosen_pullback"]:g}'
       sweep[key][_runs.MATCHED] = dict(sweep[key][chosen])
     if lr == base:
       if any(p['config']['learning_rate'] != lr for p in at):
-        raise SystemExit(f'lr {key} is the base rate, but a part ran it '
+        raise ValueError(f'lr {key} is the base rate, but a part ran it '
                          'beside another base rate: its details are missing')
       methods = {n: _join_rows([p['methods'][n] for p in at], counts)
                  for n in names if all(n in p['methods'] for p in at)}
@@ -159,10 +170,9 @@ def combine(paths: list[str]) -> dict:
   config.update(parts[0]['config'])
   never = config['steps'] + config['eval_every']
   by_lr = {float(k): v for k, v in sweep.items()}
-  fields = ('final_eval_loss', 'final_eval_loss_std',
-            'final_eval_loss_per_seed', 'steps_to_target_per_seed')
+  ids = seeds_by_rate[f'{base:g}']
   config.update(
-      seeds=len(seeds_by_rate[f'{base:g}']), first_seed=0,
+      seeds=len(ids), first_seed=min(ids),
       seeds_by_rate=seeds_by_rate, learning_rate=base,
       learning_rates=rates,
       machine='; '.join(dict.fromkeys(p['config']['machine'] for p in parts)),
@@ -170,14 +180,13 @@ def combine(paths: list[str]) -> dict:
       parts=[os.path.normpath(p) for p in paths])
   return dict(
       methods=methods,
-      learning_rate_sweep={k: {n: {f: m[f] for f in fields}
+      learning_rate_sweep={k: {n: {f: m[f] for f in finetune.SWEEP_FIELDS}
                                for n, m in ms.items()}
                            for k, ms in sweep.items()},
       claims=finetune.judge(by_lr, base, never),
       pace_matched=matched,
-      matched_profiles=parts[0].get('matched_profiles',
-                                    finetune.matched_profiles(
-                                        config['steps'])),
+      matched_profiles=(parts[0].get('matched_profiles')
+                        or finetune.matched_profiles(config['steps'])),
       config=config)
 
 
@@ -186,7 +195,10 @@ def main(argv=None):
   parser.add_argument('parts', nargs='+', help='the parts\' output folders')
   parser.add_argument('--out', required=True, help='where to write')
   args = parser.parse_args(argv)
-  results = combine(args.parts)
+  try:
+    results = combine(args.parts)
+  except ValueError as e:
+    parser.error(str(e))
   config = results['config']
   path = _common.write_results(args.out, results)
   _finetune_report.plot(results, args.out,

@@ -75,8 +75,11 @@ import posthoc
 # What PACE at a constant rate must beat: AdamW and its EMA at every schedule.
 BASELINES = tuple(f'{m}{"" if s == "constant" else "/" + s}'
                   for m in ('adamw', 'ema') for s in _schedules.SCHEDULES)
+# What the results keep of each method at every rate.
+SWEEP_FIELDS = ('final_eval_loss', 'final_eval_loss_std',
+                'final_eval_loss_per_seed', 'steps_to_target_per_seed')
 SWEPT_METHODS = BASELINES + (_runs.MATCHED, 'pace', 'pace/wsd',
-                             'schedule_free')
+                             'schedule_free', 'merge/linear', 'merge/mean')
 
 
 def trainer(run: _runs.Run, model, eval_set, validation, eval_every):
@@ -174,15 +177,20 @@ def aggregate(per_seed: list[dict], telemetry: dict,
   return methods
 
 
+def lowest(validation: dict) -> float:
+  """The pullback whose returned model has the lowest mean validation
+  loss over seeds (``validation[c]``; never the held-out loss)."""
+  return min(validation, key=validation.get)
+
+
 def choose_matched(methods: dict) -> dict:
-  """Adds ``pace/matched``: the swept pullback whose returned model has the
-  lowest mean validation loss over seeds (never the held-out loss)."""
+  """Adds ``pace/matched``: the swept pullback ``lowest`` chooses."""
   prefix = _runs.MATCHED + '/pullback='
   swept = {float(k[len(prefix):]): m for k, m in methods.items()
            if k.startswith(prefix)}
   if swept:
-    chosen = min(swept, key=lambda c: np.mean(
-        swept[c]['final_validation_loss_per_seed']))
+    chosen = lowest({c: float(np.mean(m['final_validation_loss_per_seed']))
+                     for c, m in swept.items()})
     methods[_runs.MATCHED] = dict(swept[chosen], chosen_pullback=chosen)
   return methods
 
@@ -191,8 +199,7 @@ def study(config, params, model, eval_set, validation, seed_batches,
           desc) -> dict:
   """``{lr: {method: results}}`` over the configured learning rates."""
   base_lr = config['base_lr']
-  plan = {lr: _runs.runs(config, lr, base=lr == base_lr
-                         and config.get('extras', True))
+  plan = {lr: _runs.runs(config, lr, base=lr == base_lr and config['extras'])
           for lr in config['learning_rates']}
   total = sum(map(len, plan.values())) * config['seeds'] * config['steps']
   by_lr = {}
@@ -301,9 +308,7 @@ def main(argv=None):
   wall = time.time() - started
   results = dict(
       methods=methods,
-      learning_rate_sweep={f'{lr:g}': {k: {f: m[f] for f in (
-          'final_eval_loss', 'final_eval_loss_std',
-          'final_eval_loss_per_seed', 'steps_to_target_per_seed')}
+      learning_rate_sweep={f'{lr:g}': {k: {f: m[f] for f in SWEEP_FIELDS}
                                        for k, m in ms.items()}
                            for lr, ms in by_lr.items()},
       claims=claims,

@@ -473,7 +473,8 @@ def main(out_dir: str, mode: str, config: Mapping, model, params, optimizer,
   wall = time.time() - started
   results['config'] = dict(
       mode=mode, finetune_corpus=corpus_name, steps=config['steps'],
-      batch=config['batch'], seeds=config['seeds'], training=dict(training),
+      batch=config['batch'], seeds=config['seeds'],
+      first_seed=config['first_seed'], training=dict(training),
       stabilizer=dict(base, update_freq=update_freq),
       machine=_common.machine_line(), wall_seconds=round(wall, 1))
   # Beside the comparison's results.json, which it neither reads nor clobbers.
