@@ -146,8 +146,9 @@ def _paces(sweep: Mapping) -> list[str]:
 def _curves_panel(ax, methods, names, title):
   curves = {k: methods[k]['curve'] for k in names if k in methods}
   if not curves:   # a partial run (--merge-only, --pace-only)
-    ax.set_title(title)
-    ax.text(0.5, 0.5, 'not in this run', ha='center', transform=ax.transAxes)
+    ax.axis('off')
+    ax.text(0.5, 0.5, f'{title}:\nnot in this run', ha='center',
+            fontsize=9, transform=ax.transAxes)
     return
   _common.plot_curves(ax, curves, title=title, ylabel=_YLABEL)
   # The first points (the pretrained model on new text) dwarf the rest.
@@ -319,7 +320,9 @@ def plot(results: Mapping, out_dir: str, title: str, swept: Sequence[str],
                 sorted(k for k in methods if k.startswith('pace')
                        and not k.startswith('pace/matched/')),
                 'PACE: headline, its pullback sweep, wsd; pace/matched')
-  _curves_panel(axes[1, 0], methods, swept,
+  # A merge exists at the last step only: it is a point, in the bottom row.
+  _curves_panel(axes[1, 0], methods,
+                [k for k in swept if not k.startswith('merge/')],
                 f'schedules vs PACE and Schedule-Free, peak lr {lr:g}')
   _learning_rate_panel(axes[1, 1], sweep, swept, baselines,
                        'final loss against the peak learning rate'
