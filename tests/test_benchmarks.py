@@ -289,6 +289,12 @@ def test_combine_refuses_parts_that_do_not_pair(tmp_path):
   (tmp / 'joined').mkdir()
   (tmp / 'joined' / 'results.json').write_text(json.dumps(joined))
   refused('appear twice', str(tmp / 'joined'), third)
+  # Seed 1 joins between them, whatever the order of the parts.
+  rejoined = combine.combine([str(tmp / 'joined'),
+                              _part(tmp / 'second', 1, 1, [1e-3, 3e-3])])
+  assert rejoined['config']['seeds_by_rate']['0.003'] == [0, 1, 2]
+  assert rejoined['learning_rate_sweep']['0.003']['adamw'][
+      'final_eval_loss_per_seed'] == [1.0, 1.01, 1.02]
 
 
 def test_combine_chooses_the_pullback_over_every_seed():
@@ -308,7 +314,7 @@ def test_combine_chooses_the_pullback_over_every_seed():
   two = entry({'0': 1.0, '0.1': 1.15}, {'0': [2.1, 2.2], '0.1': [2.3, 2.4]})
   assert one['chosen_pullback'] == '0.1' and two['chosen_pullback'] == '0'
   # Unweighted, the parts' means would give (0.8 + 1.15) / 2 < 1 and 0.1.
-  joined = combine._join_matched([one, two], [1, 2])
+  joined = combine._join_matched([one, two], [1, 2], [0, 1, 2])
   assert joined['chosen_pullback'] == 0.0
   assert joined['by_pullback']['0.1']['validation_loss'] == pytest.approx(
       (0.8 + 2 * 1.15) / 3)

@@ -77,13 +77,20 @@ def _weighted(values, counts) -> float:
   return float(np.average(values, weights=counts))
 
 
-def _join_rows(rows: list[dict], counts: list[int]) -> dict:
-  """One method at one rate, from the parts' rows in seed order."""
+def _joined(lists, order) -> list:
+  """The parts' per-seed lists, one list in seed order."""
+  flat = [v for values in lists for v in values]
+  return [flat[i] for i in order]
+
+
+def _join_rows(rows: list[dict], counts: list[int], order) -> dict:
+  """One method at one rate, from the parts' rows; ``order`` puts their
+  seeds in order."""
   out = {}
   for field in ('final_eval_loss_per_seed', 'steps_to_target_per_seed',
                 'final_validation_loss_per_seed'):
     if all(field in r for r in rows):
-      out[field] = [v for r in rows for v in r[field]]
+      out[field] = _joined([r[field] for r in rows], order)
   finals = np.array(out['final_eval_loss_per_seed'])
   out.update(final_eval_loss=float(finals.mean()),
              final_eval_loss_std=float(finals.std()))
@@ -98,13 +105,13 @@ def _join_rows(rows: list[dict], counts: list[int]) -> dict:
   return out
 
 
-def _join_matched(entries: list[dict], counts: list[int]) -> dict:
+def _join_matched(entries: list[dict], counts: list[int], order) -> dict:
   """``pace_matched`` at one rate: each pullback's losses joined, and the
   pullback chosen again on the mean validation loss over every seed."""
   rows = {}
   for c in entries[0]['by_pullback']:
     parts = [e['by_pullback'][c] for e in entries]
-    held = [v for p in parts for v in p['held_out_loss_per_seed']]
+    held = _joined([p['held_out_loss_per_seed'] for p in parts], order)
     rows[c] = dict(held_out_loss=float(np.mean(held)),
                    held_out_loss_per_seed=held)
     for k in parts[0]:
@@ -115,7 +122,7 @@ def _join_matched(entries: list[dict], counts: list[int]) -> dict:
   out = dict(chosen_pullback=chosen, by_pullback=rows)
   for key in entries[0]:
     if key.endswith('_per_seed'):
-      out[key] = [v for e in entries for v in e[key]]
+      out[key] = _joined([e[key] for e in entries], order)
   return out
 
 
@@ -128,21 +135,21 @@ def combine(paths: list[str]) -> dict:
   sweep, matched, seeds_by_rate = {}, {}, {}
   for lr in rates:
     key = f'{lr:g}'
-    at = sorted((p for p in parts if key in p['learning_rate_sweep']),
-                key=lambda p: p['seed_ids'][0])
+    at = [p for p in parts if key in p['learning_rate_sweep']]
     ids = [i for p in at for i in p['seed_ids']]
     if len(set(ids)) != len(ids):
       raise ValueError(f'lr {key}: seeds {ids} appear twice')
-    seeds_by_rate[key] = ids
-    if sorted(ids) != sorted(next(iter(seeds_by_rate.values()))):
-      raise ValueError(f'lr {key} has seeds {ids}, another rate '
+    order = np.argsort(ids, kind='stable')
+    seeds_by_rate[key] = sorted(ids)
+    if seeds_by_rate[key] != next(iter(seeds_by_rate.values())):
+      raise ValueError(f'lr {key} has seeds {sorted(ids)}, another rate '
                        f'{next(iter(seeds_by_rate.values()))}: every claim '
                        'pairs the rates seed by seed')
     counts = [len(p['seed_ids']) for p in at]
     names = [n for n in at[0]['learning_rate_sweep'][key]
              if all(n in p['learning_rate_sweep'][key] for p in at)]
     sweep[key] = {n: _join_rows([p['learning_rate_sweep'][key][n] for p in at],
-                                counts) for n in names}
+                                counts, order) for n in names}
     summaries = [key in p.get('pace_matched', {}) for p in at]
     if _runs.MATCHED in names and not all(summaries):
       raise ValueError(f'lr {key}: a part has no pace_matched summary, so '
@@ -150,14 +157,14 @@ def combine(paths: list[str]) -> dict:
                        'on every seed')
     if all(summaries) and _runs.MATCHED in names:
       matched[key] = _join_matched([p['pace_matched'][key] for p in at],
-                                   counts)
+                                   counts, order)
       chosen = f'{_runs.MATCHED}/pullback={matched[key]["chosen_pullback"]:g}'
       sweep[key][_runs.MATCHED] = dict(sweep[key][chosen])
     if lr == base:
       if any(p['config']['learning_rate'] != lr for p in at):
         raise ValueError(f'lr {key} is the base rate, but a part ran it '
                          'beside another base rate: its details are missing')
-      methods = {n: _join_rows([p['methods'][n] for p in at], counts)
+      methods = {n: _join_rows([p['methods'][n] for p in at], counts, order)
                  for n in names if all(n in p['methods'] for p in at)}
       if key in matched:
         chosen = matched[key]['chosen_pullback']
