@@ -27,8 +27,6 @@ import sys
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import _common
-import _finetune_report
 import _runs
 import finetune
 
@@ -175,7 +173,7 @@ def combine(paths: list[str]) -> dict:
   for part in reversed(parts):   # the union, the first part's values first
     config.update(part['config'])
   config.update(parts[0]['config'])
-  never = config['steps'] + config['eval_every']
+  never = finetune.never_reached(config)
   by_lr = {float(k): v for k, v in sweep.items()}
   ids = seeds_by_rate[f'{base:g}']
   config.update(
@@ -206,13 +204,8 @@ def main(argv=None):
     results = combine(args.parts)
   except ValueError as e:
     parser.error(str(e))
-  config = results['config']
-  path = _common.write_results(args.out, results)
-  _finetune_report.plot(results, args.out,
-                        f'{config["finetune_corpus"]}, {config["mode"]}',
-                        finetune.SWEPT_METHODS, finetune.BASELINES)
-  print(finetune.report(results, config['steps'] + config['eval_every']))
-  print(f'wrote {path}: seeds by rate {config["seeds_by_rate"]}')
+  path = finetune.publish(results, args.out)
+  print(f'wrote {path}: seeds by rate {results["config"]["seeds_by_rate"]}')
 
 
 if __name__ == '__main__':

@@ -237,6 +237,12 @@ def matched_profiles(steps: int) -> dict:
               lag_matched=float(steps - s @ matched))
 
 
+def never_reached(config: dict) -> int:
+  """The steps counted for a model that never reaches AdamW's final loss:
+  one evaluation past the last step."""
+  return config['steps'] + config['eval_every']
+
+
 def judge(by_lr: dict, base_lr: float, never: int) -> list[dict]:
   """The claims' verdicts from ``by_lr[lr][method]``'s per-seed final
   losses and steps to target; PACE's decided by ``pace/matched``."""
@@ -251,10 +257,11 @@ def judge(by_lr: dict, base_lr: float, never: int) -> list[dict]:
       ('pace', 'headline pace: pullback 0.15, ema_power 0.2, every step')))
 
 
-def report(results: dict, never: int) -> str:
+def report(results: dict) -> str:
   """What a run prints: the base rate's table, the sweep over rates,
   telemetry, pace/matched and the claims."""
   methods, config = results['methods'], results['config']
+  never = never_reached(config)
   lines = [f'pretrained model, held-out stdlib loss '
            f'{config["pretrain"]["held_out_loss"]:.4f}; {config["steps"]} '
            f'fine-tuning steps, {config["seeds"]} seed(s), lr '
@@ -273,6 +280,18 @@ def report(results: dict, never: int) -> str:
   lines.append('\nclaims (verdict rule: benchmarks/lm/_claims.py)\n'
                + _claims.table(results['claims']))
   return '\n'.join(lines)
+
+
+def publish(results: dict, out_dir: str) -> str:
+  """Writes ``results`` and their figure to ``out_dir`` and prints the
+  report; returns the results' path."""
+  config = results['config']
+  path = _common.write_results(out_dir, results)
+  _finetune_report.plot(results, out_dir,
+                        f'{config["finetune_corpus"]}, {config["mode"]}',
+                        SWEPT_METHODS, BASELINES)
+  print('\n' + report(results))
+  return path
 
 
 def main(argv=None):
@@ -303,7 +322,7 @@ def main(argv=None):
 
   base_lr = config['base_lr']
   methods = by_lr[base_lr]
-  never = config['steps'] + config['eval_every']
+  never = never_reached(config)
   claims = judge(by_lr, base_lr, never)
   wall = time.time() - started
   results = dict(
@@ -346,10 +365,7 @@ def main(argv=None):
           pace_only=args.pace_only, merge_only=args.merge_only,
           ademamix_alpha=_runs.ADEMAMIX_ALPHA, machine=_common.machine_line(),
           wall_seconds=round(wall, 1)))
-  path = _common.write_results(args.out, results)
-  _finetune_report.plot(results, args.out, f'{corpus_name}, {mode}',
-                        SWEPT_METHODS, BASELINES)
-  print('\n' + report(results, never))
+  path = publish(results, args.out)
   print(f'wrote {path} in {wall:.0f}s ({_common.machine_line()})')
 
 
